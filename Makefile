@@ -1,0 +1,41 @@
+# Every target does its own set-up: `make serve` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
+MNIST  ?= ../shared/datasets/mnist
+
+.PHONY: setup proto test serve train-mnist train-ring bench clean
+
+setup: $(VENV)/.installed proto
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# Generated code lands beside its .proto (package dcgan.v1) and is never edited or committed.
+proto: $(VENV)/.installed $(PROTOS:.proto=_pb2.py)
+
+protos/%_pb2.py: protos/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $<
+
+test: setup
+	$(PY) -m pytest
+
+serve: setup
+	$(VENV)/bin/dcgan-serve --repository exported --port 50051
+
+train-mnist: setup
+	$(VENV)/bin/dcgan-train --preset mnist --data-dir $(MNIST)
+
+train-ring: setup
+	$(VENV)/bin/dcgan-train --preset ring
+
+bench: setup
+	$(PY) bench/train_throughput.py --data-dir $(MNIST)
+
+clean:
+	rm -rf $(VENV) protos/dcgan/v1/*_pb2*.py* .pytest_cache

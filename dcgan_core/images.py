@@ -1,0 +1,102 @@
+"""The project's single image convention.
+
+Models see NCHW float32 in [-1, 1] (the generator ends in tanh). Files and the wire carry
+uint8 0..255 (or float32 in model range). Every conversion between the two lives here, so
+training, export and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dcgan_core.atomic import atomic_write_bytes
+
+#: Value range of model inputs and generator outputs.
+VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)
+#: Decoded images larger than this many pixels are refused before decoding (decompression bombs).
+MAX_DECODE_PIXELS = 4096 * 4096
+
+
+def uint8_to_model(images: np.ndarray) -> np.ndarray:
+    """Map uint8 0..255 to float32 [-1, 1]; shape is kept."""
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def model_to_uint8(images: np.ndarray) -> np.ndarray:
+    """Map model-range floats to uint8 with rounding; values outside [-1, 1] are clipped."""
+    scaled = (np.asarray(images, dtype=np.float32) + 1.0) * 127.5
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_pil(image_chw: np.ndarray) -> Image.Image:
+    """One uint8 CHW image (1 or 3 channels) as a PIL image."""
+    if image_chw.ndim != 3 or image_chw.shape[0] not in (1, 3):
+        raise ValueError(f"expected a CHW image with 1 or 3 channels, got shape {image_chw.shape}")
+    if image_chw.shape[0] == 1:
+        return Image.fromarray(image_chw[0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(image_chw.transpose(1, 2, 0)), mode="RGB")
+
+
+def encode_png(image_chw: np.ndarray) -> bytes:
+    """One uint8 CHW image as PNG bytes."""
+    buffer = io.BytesIO()
+    to_pil(image_chw).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, channels: int, size: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 CHW with the given channel count.
+
+    With ``size`` the image must already be ``size``x``size`` (serving refuses to guess);
+    raises ValueError with the reason otherwise.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_DECODE_PIXELS:
+                raise ValueError(f"image of {img.width}x{img.height} pixels exceeds the decode limit")
+            img.load()
+            converted = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image: {exc}") from exc
+    if size is not None and converted.size != (size, size):
+        raise ValueError(f"image is {converted.width}x{converted.height}, expected {size}x{size}")
+    return pil_to_chw(converted)
+
+
+def pil_to_chw(img: Image.Image) -> np.ndarray:
+    """A PIL image in mode L or RGB as uint8 CHW."""
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize to ``size`` (the usual DCGAN preprocessing)."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.BICUBIC) if side != size else square
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile uint8 NCHW images into one CHW image, ``nrow`` per row (default: square-ish)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), np.uint8)
+    for i, image in enumerate(images):
+        y = padding + (i // nrow) * (h + padding)
+        x = padding + (i % nrow) * (w + padding)
+        grid[:, y : y + h, x : x + w] = image
+    return grid
+
+
+def save_png(image_chw: np.ndarray, path: str | Path) -> None:
+    """Write one uint8 CHW image as PNG atomically (temporary file, then rename)."""
+    atomic_write_bytes(Path(path), encode_png(image_chw))

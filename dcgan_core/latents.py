@@ -1,0 +1,24 @@
+"""Seeded latent vectors: the one algorithm that training, serving and every client share.
+
+``latents(seed, count, size)`` is ``numpy.random.default_rng(seed).standard_normal((count, size),
+dtype=float32)`` (PCG64, Ziggurat normals). The proto documents exactly this, so any client with
+numpy reproduces the latents of a seeded ``Sample`` call without asking the server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SEED_MAX = 2**63 - 1
+
+
+def latents(seed: int, count: int, size: int) -> np.ndarray:
+    """``count`` latent vectors of ``size`` float32 standard normals, determined by ``seed``."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be in [0, 2^63-1], got {seed}")
+    return np.random.default_rng(seed).standard_normal((count, size), dtype=np.float32)
+
+
+def draw_seed() -> int:
+    """A fresh random seed for requests that did not bring one (returned to the caller)."""
+    return int(np.random.default_rng().integers(0, SEED_MAX, dtype=np.int64))

@@ -1,0 +1,33 @@
+"""Shared fixtures: the MNIST directory beside the project, tiny configs, small runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = ROOT.parent / "shared" / "datasets" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found at {MNIST_DIR}")
+    return MNIST_DIR
+
+
+def tiny_config(run_dir: Path, **sections) -> TrainConfig:
+    """A 28x28 DCGAN small enough to take a few steps in well under a second."""
+    values = {
+        "data": {"dataset": "synthetic", "synthetic_samples": 64},
+        "model": {"ngf": 4, "ndf": 4, "latent_size": 8},
+        "optim": {"batch_size": 8},
+        "run": {"run_dir": str(run_dir), "epochs": 2, "progress": False, "sample_count": 4,
+                "checkpoint_every": 3},
+    }
+    for section, overrides in sections.items():
+        values.setdefault(section, {}).update(overrides)
+    return load_config(overrides=[values])

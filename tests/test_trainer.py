@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from training import checkpoint
+from training.checkpoint import CheckpointError
+from training.trainer import Trainer, TrainingDiverged
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"G.{k}": v for k, v in trainer.G.state_dict().items()}
+    state.update({f"D.{k}": v for k, v in trainer.D.state_dict().items()})
+    state.update({f"EMA.{k}": v for k, v in trainer.ema.state_dict().items()})
+    return state
+
+
+@pytest.mark.parametrize("loss, d_steps", [("nonsaturating", 1), ("wgan-gp", 2)])
+def test_resume_equals_straight_run(tmp_path, loss, d_steps):
+    """N steps, a new process-like Trainer on the same directory, M steps == N+M straight."""
+    sections = {"loss": {"name": loss}, "optim": {"d_steps": d_steps}}
+    straight = Trainer(tiny_config(tmp_path / "straight", run={"max_steps": 11}, **sections))
+    straight.train()
+    first = Trainer(tiny_config(tmp_path / "resumed", run={"max_steps": 5}, **sections))
+    first.train()
+    second = Trainer(tiny_config(tmp_path / "resumed", run={"max_steps": 11}, **sections))
+    assert second.step == 5
+    second.train()
+    a, b = _weights(straight), _weights(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 12))
+
+
+def test_run_directory_outputs(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    result = trainer.train()
+    assert result.step == 2 * trainer.steps_per_epoch
+    for name in ("checkpoint.pt", "metrics.jsonl", "curves.png", "samples/epoch_001.png",
+                 "samples/epoch_002.png", "samples/latest.png"):
+        assert (tmp_path / name).exists(), name
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record) == {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "d_acc"}
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["config"] == trainer.config.to_dict() and state["package_version"]
+    assert {"generator", "discriminator", "ema", "opt_g", "opt_d", "noise_rng", "torch_rng"} <= set(state)
+
+
+def test_resume_under_a_different_config_is_refused(tmp_path):
+    Trainer(tiny_config(tmp_path, run={"max_steps": 2})).train()
+    with pytest.raises(CheckpointError, match=r"optim.lr_g: 0.0002 -> 0.001"):
+        Trainer(tiny_config(tmp_path, optim={"lr_g": 1e-3}))
+    forced = Trainer(tiny_config(tmp_path, optim={"lr_g": 1e-3}), force=True)
+    assert forced.step == 2
+    # epochs and max_steps may change: that is how a run is extended
+    assert Trainer(tiny_config(tmp_path, run={"epochs": 5})).step == 2
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, run={"max_steps": 3}))
+    trainer.train()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def torn_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_interrupt_writes_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, run={"checkpoint_every": 1000}))
+    original = trainer.train_step
+
+    def interrupt_at_4(real):
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return original(real)
+
+    monkeypatch.setattr(trainer, "train_step", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, run={"checkpoint_every": 2}))
+    original = trainer.train_step
+
+    def poison_at_5(real):
+        stats = original(real)
+        return {**stats, "loss_d": float("nan")} if trainer.step == 5 else stats
+
+    monkeypatch.setattr(trainer, "train_step", poison_at_5)
+    with pytest.raises(TrainingDiverged, match="loss_d became nan at step 6"):
+        trainer.train()
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 4
+    assert Trainer(tiny_config(tmp_path)).step == 4
+
+
+def test_toy_training_runs(tmp_path):
+    config = tiny_config(tmp_path, data={"dataset": "ring", "toy_epoch_samples": 64},
+                         model={"toy_hidden": 16, "toy_layers": 2})
+    Trainer(config).train()
+    assert (tmp_path / "samples" / "epoch_002.png").exists()

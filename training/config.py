@@ -1,0 +1,230 @@
+"""The one configuration object: built from a preset, a TOML file and CLI overrides, in that order.
+
+It travels unchanged from ``dcgan-train`` into the trainer, the checkpoint and the export manifest.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOY_DATASETS = ("ring", "grid")
+IMAGE_DATASETS = ("mnist", "folder", "synthetic")
+IMAGE_SIZES = (28, 32, 64)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | folder | ring | grid | synthetic
+    path: str = "../shared/datasets/mnist"
+    image_size: int = 28
+    channels: int = 1
+    download: bool = False  # MNIST only: fetch missing files (verified) instead of failing
+    toy_epoch_samples: int = 65536  # toy data is sampled fresh; this many samples make an epoch
+    synthetic_samples: int = 256  # size of the random dataset used by --dry-run
+
+
+@dataclass
+class ModelConfig:
+    latent_size: int = 100
+    ngf: int = 64  # generator width (channels of its last hidden layer)
+    ndf: int = 64  # discriminator width (channels of its first layer)
+    spectral_norm: bool = False  # spectral norm on D's layers (replaces D's BatchNorm)
+    toy_hidden: int = 256  # hidden width of the dense toy networks
+    toy_layers: int = 3  # hidden layers of the dense toy networks
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = 1  # discriminator steps (batches) per generator step
+
+
+@dataclass
+class LossConfig:
+    name: str = "nonsaturating"  # minimax | nonsaturating | hinge | wgan-gp
+    label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
+    gp_weight: float = 10.0  # wgan-gp only
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/mnist"
+    epochs: int = 5
+    max_steps: int = 0  # stop after this many discriminator steps in total (0: no limit)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    ema_decay: float = 0.999  # 0 disables the EMA generator
+    checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end)
+    sample_count: int = 64  # fixed-noise samples in each epoch's grid
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def kind(self) -> str:
+        """``toy2d`` for the dense 2-D GAN, ``dcgan`` for image models."""
+        return "toy2d" if self.data.dataset in TOY_DATASETS else "dcgan"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        d, m, o, l, r = self.data, self.model, self.optim, self.loss, self.run
+        _check(d.dataset in TOY_DATASETS + IMAGE_DATASETS, "data.dataset", d.dataset,
+               f"one of {', '.join(TOY_DATASETS + IMAGE_DATASETS)}")
+        _check(d.image_size in IMAGE_SIZES, "data.image_size", d.image_size, f"one of {IMAGE_SIZES}")
+        _check(d.channels in (1, 3), "data.channels", d.channels, "1 or 3")
+        _check(not (d.dataset == "mnist" and (d.channels, d.image_size) != (1, 28)),
+               "data.channels/image_size", (d.channels, d.image_size), "(1, 28) for MNIST")
+        _check(d.dataset != "folder" or bool(d.path), "data.path", d.path, "a folder of images")
+        for key, value in [("model.latent_size", m.latent_size), ("model.ngf", m.ngf),
+                           ("model.ndf", m.ndf), ("model.toy_hidden", m.toy_hidden),
+                           ("model.toy_layers", m.toy_layers), ("optim.batch_size", o.batch_size),
+                           ("optim.d_steps", o.d_steps), ("run.epochs", r.epochs),
+                           ("run.checkpoint_every", r.checkpoint_every),
+                           ("run.sample_count", r.sample_count)]:
+            _check(value >= 1, key, value, "an integer >= 1")
+        _check(o.lr_g > 0 and o.lr_d > 0, "optim.lr_g/lr_d", (o.lr_g, o.lr_d), "positive")
+        _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", (o.beta1, o.beta2), "in [0, 1)")
+        from training.losses import LOSSES
+
+        _check(l.name in LOSSES, "loss.name", l.name, f"one of {', '.join(LOSSES)}")
+        _check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", l.label_smoothing, "in [0, 0.5)")
+        _check(0 <= r.ema_decay < 1, "run.ema_decay", r.ema_decay, "in [0, 1)")
+        _check(r.max_steps >= 0, "run.max_steps", r.max_steps, ">= 0")
+        _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
+#: Settings that may change when a run resumes; everything else must match the checkpoint.
+RESUMABLE_KEYS = frozenset({"data.path", "data.download", "run.run_dir", "run.epochs",
+                            "run.max_steps", "run.device", "run.checkpoint_every", "run.progress"})
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "mnist": {
+        "data": {"dataset": "mnist", "image_size": 28, "channels": 1},
+        "run": {"run_dir": "runs/mnist", "epochs": 5},
+    },
+    "ring": {
+        "data": {"dataset": "ring"},
+        "optim": {"batch_size": 256, "lr_g": 1e-3, "lr_d": 1e-3},
+        "run": {"run_dir": "runs/ring", "epochs": 4, "checkpoint_every": 1000},
+    },
+    "grid": {
+        "data": {"dataset": "grid"},
+        "optim": {"batch_size": 256, "lr_g": 1e-3, "lr_d": 1e-3},
+        "run": {"run_dir": "runs/grid", "epochs": 8, "checkpoint_every": 1000},
+    },
+    "folder": {
+        "data": {"dataset": "folder", "path": "", "image_size": 64, "channels": 3},
+        "run": {"run_dir": "runs/folder", "epochs": 25},
+    },
+}
+
+
+def apply(config: TrainConfig, values: dict[str, Any], origin: str) -> None:
+    """Set ``{section: {key: value}}`` on ``config``; unknown keys and wrong types are errors."""
+    for section_name, section_values in values.items():
+        section = getattr(config, section_name, None)
+        if not dataclasses.is_dataclass(section) or not isinstance(section_values, dict):
+            sections = ", ".join(f.name for f in dataclasses.fields(config))
+            raise ConfigError(f"{origin}: unknown section [{section_name}]; sections are {sections}")
+        for key, value in section_values.items():
+            setattr(section, key, _coerce(section, section_name, key, value, origin))
+
+
+def _coerce(section: Any, section_name: str, key: str, value: Any, origin: str) -> Any:
+    names = [f.name for f in dataclasses.fields(section)]
+    if key not in names:
+        raise ConfigError(f"{origin}: unknown key {section_name}.{key}; "
+                          f"keys of [{section_name}] are {', '.join(names)}")
+    current = getattr(section, key)
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        value = _parse_text(value, kind, f"{section_name}.{key}", origin)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{origin}: {section_name}.{key} = {value!r} must be {kind.__name__}")
+    return value
+
+
+def _parse_text(text: str, kind: type, key: str, origin: str) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{origin}: {key} = {text!r} is not a valid {kind.__name__}")
+
+
+def parse_override(text: str) -> dict[str, dict[str, str]]:
+    """``section.key=value`` as ``{section: {key: value}}``."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. optim.lr_g=1e-4")
+    return {section: {key: value.strip()}}
+
+
+def load_config(preset: str | None = None, config_file: Path | None = None,
+                overrides: list[dict[str, dict[str, Any]]] = ()) -> TrainConfig:
+    """Defaults, then the preset, then the TOML file, then each override; validated."""
+    config = TrainConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+        apply(config, PRESETS[preset], f"preset {preset}")
+    if config_file is not None:
+        try:
+            apply(config, tomllib.loads(config_file.read_text()), str(config_file))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    for override in overrides:
+        apply(config, override, "command line")
+    return config.validate()
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> TrainConfig:
+    """Rebuild a config saved by ``to_dict`` (checkpoints, manifests)."""
+    config = TrainConfig()
+    apply(config, values, "saved config")
+    return config
+
+
+def differences(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """Keys outside RESUMABLE_KEYS whose values differ, as ``key: old -> new`` lines."""
+    lines = []
+    for section, values in old.to_dict().items():
+        for key, value in values.items():
+            other = getattr(getattr(new, section), key)
+            if f"{section}.{key}" not in RESUMABLE_KEYS and other != value:
+                lines.append(f"{section}.{key}: {value!r} -> {other!r}")
+    return lines

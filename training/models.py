@@ -1,0 +1,122 @@
+"""DCGAN generator/discriminator for 28, 32 and 64 pixel images, and the dense toy 2-D GAN.
+
+The layout follows pytorch/examples' dcgan: transposed convolutions + BatchNorm + ReLU + tanh in
+G; strided convolutions + LeakyReLU(0.2) + BatchNorm (not on the first layer) in D, which
+returns a logit. Weights start from N(0, 0.02) (BatchNorm scale from N(1, 0.02)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from training.config import TrainConfig
+
+#: image size -> (spatial size of G's first feature map, number of 2x up/down-sampling layers)
+LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
+
+
+class Generator(nn.Module):
+    """z (N, latent) -> images (N, C, S, S) in [-1, 1]."""
+
+    def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int):
+        super().__init__()
+        start, ups = LAYOUTS[image_size]
+        width = ngf * 2 ** (ups - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_size, width, start, 1, 0, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(True),
+        ]
+        for _ in range(ups - 1):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.latent_size = latent_size
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z.reshape(z.shape[0], self.latent_size, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """images (N, C, S, S) -> logits (N,). Spectral norm, when asked, replaces BatchNorm."""
+
+    def __init__(self, channels: int, image_size: int, ndf: int, use_spectral_norm: bool = False):
+        super().__init__()
+        start, downs = LAYOUTS[image_size]
+        wrap = spectral_norm if use_spectral_norm else (lambda m: m)
+        layers: list[nn.Module] = [wrap(nn.Conv2d(channels, ndf, 4, 2, 1, bias=False)),
+                                   nn.LeakyReLU(0.2, inplace=True)]
+        width = ndf
+        for _ in range(downs - 1):
+            layers.append(wrap(nn.Conv2d(width, width * 2, 4, 2, 1, bias=False)))
+            if not use_spectral_norm:
+                layers.append(nn.BatchNorm2d(width * 2))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            width *= 2
+        layers.append(wrap(nn.Conv2d(width, 1, start, 1, 0, bias=False)))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.main(images).reshape(-1)
+
+
+def _mlp(sizes: list[int], activation: nn.Module) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), activation]
+    return nn.Sequential(*layers[:-1])  # no activation after the last layer
+
+
+class ToyGenerator(nn.Module):
+    """The classic dense GAN generator: z (N, latent) -> points (N, 2)."""
+
+    def __init__(self, latent_size: int, hidden: int, layers: int):
+        super().__init__()
+        self.latent_size = latent_size
+        self.main = _mlp([latent_size] + [hidden] * layers + [2], nn.ReLU(True))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class ToyDiscriminator(nn.Module):
+    """points (N, 2) -> logits (N,)."""
+
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        self.main = _mlp([2] + [hidden] * layers + [1], nn.LeakyReLU(0.2, inplace=True))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.main(points).reshape(-1)
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN initialisation: conv/linear weights N(0, 0.02), BatchNorm N(1, 0.02) and bias 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        weight = getattr(module, "parametrizations", None)
+        target = weight.weight.original if weight is not None else module.weight
+        nn.init.normal_(target, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for a config, DCGAN-initialised."""
+    m, d = config.model, config.data
+    if config.kind == "toy2d":
+        generator: nn.Module = ToyGenerator(m.latent_size, m.toy_hidden, m.toy_layers)
+        discriminator: nn.Module = ToyDiscriminator(m.toy_hidden, m.toy_layers)
+    else:
+        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf)
+        discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm)
+    if config.kind == "dcgan":  # dense toys keep PyTorch's default (Kaiming-uniform) init
+        generator.apply(dcgan_init)
+        discriminator.apply(dcgan_init)
+    return generator, discriminator

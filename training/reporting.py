@@ -1,0 +1,107 @@
+"""What people look at: sample grids, toy scatter plots, loss/accuracy curves (PNG), metrics log."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dcgan_core import images  # noqa: E402
+from dcgan_core.atomic import atomic_write_bytes  # noqa: E402
+
+
+class MetricsLog:
+    """Append-only JSONL of per-step metrics; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._handle = path.open("a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                break  # a torn last line from a hard kill
+        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window or window <= 1:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def save_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Losses (top) and D's outputs/accuracy (bottom) against step, lightly smoothed."""
+    if not records:
+        return
+    steps = np.array([r["step"] for r in records])
+    window = max(1, len(records) // 200)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for key, axis in [("loss_d", top), ("loss_g", top), ("d_real", bottom), ("d_fake", bottom),
+                      ("d_acc", bottom)]:
+        values = _smooth(np.array([r[key] for r in records], dtype=float), window)
+        axis.plot(steps[len(steps) - len(values):], values, label=key, linewidth=1)
+    bottom.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    top.set_ylabel("loss")
+    bottom.set_ylabel("D output / accuracy")
+    bottom.set_xlabel("discriminator step")
+    for axis in (top, bottom):
+        axis.legend(loc="upper right")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def save_image_grid(samples: np.ndarray, path: Path) -> None:
+    """Model-range NCHW samples as one PNG grid."""
+    images.save_png(images.make_grid(images.model_to_uint8(samples)), path)
+
+
+def save_toy_scatter(samples: np.ndarray, modes: np.ndarray, path: Path, title: str = "") -> None:
+    """Generated 2-D points over the mixture's mode centres."""
+    fig, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.4, label="generated")
+    axis.scatter(modes[:, 0], modes[:, 1], s=30, c="red", marker="x", label="modes")
+    limit = float(np.abs(modes).max()) * 1.5
+    axis.set_xlim(-limit, limit)
+    axis.set_ylim(-limit, limit)
+    axis.set_aspect("equal")
+    axis.set_title(title)
+    axis.legend(loc="upper right")
+    _save_figure(fig, path)

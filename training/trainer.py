@@ -1,0 +1,264 @@
+"""The GAN trainer: alternating D/G updates, EMA generator, checkpoints with exact resume.
+
+One "step" is one discriminator update on one real batch; G is updated every ``optim.d_steps``
+steps with D frozen. Batches, latents and RNG state all derive from the config's seed and the
+step, which is why N steps + restart + M steps equals N+M steps on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dcgan_core.latents import latents
+from training import checkpoint, reporting
+from training.config import ConfigError, TrainConfig
+from training.data import ImageBatches, ToyBatches, _mix, build_batches, toy_mixture
+from training.losses import LOSSES, gradient_penalty
+from training.models import build_models
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "d_acc")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the run directory still holds the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: float
+    last_metrics: dict[str, float]
+    run_dir: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda' but CUDA is not available on this machine")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Trainer:
+    """Owns the models, optimizers and run directory of one training run."""
+
+    def __init__(self, config: TrainConfig, force: bool = False,
+                 batches: ImageBatches | ToyBatches | None = None):
+        self.config = config
+        self.run_dir = Path(config.run.run_dir)
+        self.device = resolve_device(config.run.device)
+        self.cuda = self.device.type == "cuda"
+        torch.manual_seed(config.run.seed)
+        generator, discriminator = build_models(config)
+        memory_format = torch.channels_last if self.cuda and config.kind == "dcgan" else torch.preserve_format
+        self.memory_format = memory_format
+        self.G = generator.to(self.device, memory_format=memory_format)
+        self.D = discriminator.to(self.device, memory_format=memory_format)
+        self.ema = copy.deepcopy(self.G).requires_grad_(False) if config.run.ema_decay > 0 else None
+        o = config.optim
+        self.opt_g = torch.optim.Adam(self.G.parameters(), o.lr_g, betas=(o.beta1, o.beta2))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
+        self.loss = LOSSES[config.loss.name]
+        self.noise = torch.Generator(self.device).manual_seed(_mix(config.run.seed, 1))
+        self.fixed_noise = torch.from_numpy(
+            latents(config.run.seed, config.run.sample_count, config.model.latent_size)).to(self.device)
+        self.batches = batches or build_batches(config)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.step = 0
+        self.g_steps = 0
+        self.last_loss_g = float("nan")
+        self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
+        if self.checkpoint_path.exists():
+            self._resume(force)
+        self.metrics = reporting.MetricsLog(self.run_dir / "metrics.jsonl", self.step)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "g_steps": self.g_steps,
+            "last_loss_g": self.last_loss_g,
+            "steps_per_epoch": self.steps_per_epoch,
+            "generator": self.G.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "noise_rng": self.noise.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        self.metrics.flush()
+        checkpoint.save(self.checkpoint_path, self.state())
+
+    def _resume(self, force: bool) -> None:
+        state = checkpoint.load(self.checkpoint_path, self.device)
+        checkpoint.check_compatible(state, self.config, self.checkpoint_path, force)
+        if state["steps_per_epoch"] != self.steps_per_epoch and not force:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoint_path}: the data gives {self.steps_per_epoch} steps per epoch, "
+                f"the checkpoint {state['steps_per_epoch']}; refusing to resume on other data")
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.noise.set_state(state["noise_rng"].cpu() if not self.cuda else state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.step, self.g_steps, self.last_loss_g = state["step"], state["g_steps"], state["last_loss_g"]
+        log.info("resumed %s at step %d", self.checkpoint_path, self.step)
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    def _latents(self, count: int) -> torch.Tensor:
+        return torch.randn(count, self.config.model.latent_size, generator=self.noise, device=self.device)
+
+    def train_step(self, real: torch.Tensor) -> dict[str, float]:
+        """One D update on ``real`` and, every d_steps, one G update (D frozen)."""
+        update_g = (self.step + 1) % self.config.optim.d_steps == 0
+        with self._autocast():
+            with torch.set_grad_enabled(update_g):
+                fake = self.G(self._latents(real.shape[0]))
+            real_logits = self.D(real).float()
+            fake_logits = self.D(fake.detach()).float()
+            loss_d = self.loss.d_loss(real_logits, fake_logits, 1.0 - self.config.loss.label_smoothing)
+        if self.loss.gradient_penalty:
+            loss_d = loss_d + self.config.loss.gp_weight * gradient_penalty(
+                self.D, real, fake.detach().to(real.dtype), self.noise)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        if update_g:
+            self._generator_step(fake)
+        with torch.no_grad():
+            stats = torch.stack([
+                loss_d.detach(), torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean(),
+                ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2])
+        loss_d_value, d_real, d_fake, d_acc = stats.tolist()
+        return {"loss_d": loss_d_value, "loss_g": self.last_loss_g, "d_real": d_real,
+                "d_fake": d_fake, "d_acc": d_acc}
+
+    def _generator_step(self, fake: torch.Tensor) -> None:
+        self.D.requires_grad_(False)
+        with self._autocast():
+            loss_g = self.loss.g_loss(self.D(fake).float())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        self.D.requires_grad_(True)
+        self.g_steps += 1
+        self.last_loss_g = loss_g.item()
+        self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA of G's weights with a warm-up, so early samples are not dominated by the init."""
+        if self.ema is None:
+            return
+        decay = min(self.config.run.ema_decay, (1 + self.g_steps) / (10 + self.g_steps))
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, list(self.G.parameters()), 1.0 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.G.buffers()):
+            ema_buffer.copy_(buffer)
+
+    # ------------------------------------------------------------------ loop
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.run.epochs * self.steps_per_epoch
+        return min(total, self.config.run.max_steps) if self.config.run.max_steps else total
+
+    def train(self) -> TrainResult:
+        """Train until the configured epochs or max_steps; Ctrl-C saves a checkpoint first."""
+        total, spe = self.total_steps, self.steps_per_epoch
+        stats: dict[str, float] = {}
+        unit = "img" if self.config.kind == "dcgan" else "pt"
+        bar = tqdm(total=total * self.config.optim.batch_size, initial=self.step * self.config.optim.batch_size,
+                   unit=unit, unit_scale=True, disable=not self.config.run.progress, dynamic_ncols=True,
+                   mininterval=0.5)
+        self.G.train()
+        self.D.train()
+        try:
+            while self.step < total:
+                epoch, index = divmod(self.step, spe)
+                real = self.batches.batch(epoch, index).to(self.device, memory_format=self.memory_format)
+                stats = self.train_step(real)
+                self._check_finite(stats, epoch)
+                self.step += 1
+                self.metrics.write({"step": self.step, "epoch": epoch, **stats})
+                bar.set_postfix(epoch=f"{epoch + 1}/{self.config.run.epochs}", refresh=False, **{
+                    k: f"{v:.3f}" for k, v in stats.items() if k != "loss_g" or not math.isnan(v)})
+                bar.update(real.shape[0])
+                if self.step % spe == 0:
+                    self.end_of_epoch(epoch)
+                elif self.step % self.config.run.checkpoint_every == 0 or self.step == total:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            log.warning("interrupted at step %d: writing checkpoint before exiting", self.step)
+            self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+        return TrainResult(self.step, self.step / spe, stats, self.run_dir)
+
+    def _check_finite(self, stats: dict[str, float], epoch: int) -> None:
+        bad = [k for k in ("loss_d", "loss_g") if math.isinf(stats[k]) or
+               (math.isnan(stats[k]) and (k == "loss_d" or self.g_steps > 0))]
+        if bad:
+            self.metrics.flush()
+            raise TrainingDiverged(
+                f"{bad[0]} became {stats[bad[0]]} at step {self.step + 1} (epoch {epoch + 1}); "
+                f"stopped without saving, {self.checkpoint_path} holds the last good state. "
+                f"Restarting resumes from it: lower optim.lr_d/lr_g or change loss.name first.")
+
+    def end_of_epoch(self, epoch: int) -> None:
+        """Sample grid from the fixed noise, curves, checkpoint."""
+        self.metrics.flush()
+        self.save_samples(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
+        reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> np.ndarray:
+        """Samples from the EMA generator (G without EMA) in eval mode, as float32 numpy."""
+        model = self.ema if self.ema is not None else self.G
+        was_training = model.training
+        model.eval()
+        try:
+            return model(z).float().cpu().numpy()
+        finally:
+            model.train(was_training)
+
+    def save_samples(self, path: Path) -> None:
+        """The fixed-noise grid (toys: a scatter plot) at ``path`` and as samples/latest.png."""
+        samples = self.generate(self.fixed_noise if self.config.kind == "dcgan" else self._toy_noise())
+        for target in (path, path.parent / "latest.png"):
+            if self.config.kind == "dcgan":
+                reporting.save_image_grid(samples, target)
+            else:
+                modes = toy_mixture(self.config.data.dataset).means
+                reporting.save_toy_scatter(samples, modes, target, f"step {self.step}")
+
+    def _toy_noise(self) -> torch.Tensor:
+        z = latents(self.config.run.seed, 2048, self.config.model.latent_size)
+        return torch.from_numpy(z).to(self.device)
