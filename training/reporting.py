@@ -42,8 +42,7 @@ class MetricsLog:
         self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def flush(self) -> None:
-        if not self._handle.closed:
-            self._handle.flush()
+        self._handle.flush()
 
     def close(self) -> None:
         self._handle.close()

@@ -79,9 +79,9 @@ class Trainer:
         self.g_steps = 0
         self.last_loss_g = float("nan")
         self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
+        self.metrics: reporting.MetricsLog | None = None  # open only inside train()
         if self.checkpoint_path.exists():
             self._resume(force)
-        self.metrics = reporting.MetricsLog(self.run_dir / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------ state
 
@@ -102,7 +102,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        self.metrics.flush()
+        if self.metrics is not None:
+            self.metrics.flush()
         checkpoint.save(self.checkpoint_path, self.state())
 
     def _resume(self, force: bool) -> None:
@@ -194,6 +195,7 @@ class Trainer:
         bar = tqdm(total=total * self.config.optim.batch_size, initial=self.step * self.config.optim.batch_size,
                    unit=unit, unit_scale=True, disable=not self.config.run.progress, dynamic_ncols=True,
                    mininterval=0.5)
+        self.metrics = reporting.MetricsLog(self.run_dir / "metrics.jsonl", self.step)
         self.G.train()
         self.D.train()
         try:
@@ -219,13 +221,13 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            self.metrics = None
         return TrainResult(self.step, self.step / spe, stats, self.run_dir)
 
     def _check_finite(self, stats: dict[str, float], epoch: int) -> None:
         bad = [k for k in ("loss_d", "loss_g") if math.isinf(stats[k]) or
                (math.isnan(stats[k]) and (k == "loss_d" or self.g_steps > 0))]
         if bad:
-            self.metrics.flush()
             raise TrainingDiverged(
                 f"{bad[0]} became {stats[bad[0]]} at step {self.step + 1} (epoch {epoch + 1}); "
                 f"stopped without saving, {self.checkpoint_path} holds the last good state. "

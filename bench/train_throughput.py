@@ -1,0 +1,97 @@
+"""Training throughput: the project's Trainer against a plain pytorch/examples-style loop.
+
+Both train the same architecture (the MNIST preset's G and D) on the same in-memory MNIST
+batches; repeats alternate between them and the report gives medians and the ratio
+project / reference (target >= 1.0: checkpoints, EMA and metrics must not slow training).
+
+    .venv/bin/python bench/train_throughput.py --data-dir ../shared/datasets/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import interleaved, median, save, timed  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import build_batches  # noqa: E402
+from training.models import build_models  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+
+def reference_loop(config, batches, steps: int):
+    """pytorch/examples/dcgan's loop, with logits + BCEWithLogits instead of sigmoid + BCE."""
+    torch.manual_seed(config.run.seed)
+    net_g, net_d = build_models(config)
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    state = {"step": 0}
+
+    def run() -> None:
+        for _ in range(steps):
+            epoch, index = divmod(state["step"], batches.steps_per_epoch)
+            real = batches.batch(epoch, index)
+            ones, zeros = torch.ones(real.shape[0]), torch.zeros(real.shape[0])
+            net_d.zero_grad()
+            err_real = F.binary_cross_entropy_with_logits(net_d(real), ones)
+            err_real.backward()
+            fake = net_g(torch.randn(real.shape[0], config.model.latent_size))
+            err_fake = F.binary_cross_entropy_with_logits(net_d(fake.detach()), zeros)
+            err_fake.backward()
+            opt_d.step()
+            net_g.zero_grad()
+            err_g = F.binary_cross_entropy_with_logits(net_d(fake), ones)
+            err_g.backward()
+            opt_g.step()
+            _ = (err_real + err_fake).item(), err_g.item()  # the example prints these every step
+            state["step"] += 1
+
+    return run
+
+
+def project_trainer(config, batches, steps: int):
+    trainer = Trainer(config, batches=batches)
+
+    def run() -> None:
+        trainer.config.run.max_steps = trainer.step + steps
+        trainer.train()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/datasets/mnist")
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = load_config("mnist", overrides=[{"data": {"path": args.data_dir}, "run": {
+            "run_dir": run_dir, "progress": False, "epochs": 1000, "checkpoint_every": 10**9}}])
+        batches = build_batches(config)
+        runs = {"reference": reference_loop(config, batches, args.steps),
+                "project": project_trainer(config, batches, args.steps)}
+        for run in runs.values():
+            run()  # warm-up: allocator, oneDNN kernels
+        seconds = interleaved({name: (lambda r=run: timed(r)) for name, run in runs.items()}, args.repeats)
+    images = args.steps * config.optim.batch_size
+    rates = {name: [images / s for s in values] for name, values in seconds.items()}
+    ratio = median(rates["project"]) / median(rates["reference"])
+    for name, values in rates.items():
+        print(f"{name:>10}: median {median(values):8.1f} img/s  (repeats: {', '.join(f'{v:.0f}' for v in values)})")
+    print(f"ratio project/reference: {ratio:.3f} (target >= 1.0)")
+    save("train_throughput_cpu", {"config": "mnist preset (28x28, ngf 64, ndf 64, batch 128)",
+                                  "steps_per_repeat": args.steps, "repeats": args.repeats,
+                                  "images_per_second": rates,
+                                  "median_images_per_second": {k: median(v) for k, v in rates.items()},
+                                  "ratio_project_over_reference": ratio})
+
+
+if __name__ == "__main__":
+    main()
