@@ -31,3 +31,23 @@ def tiny_config(run_dir: Path, **sections) -> TrainConfig:
     for section, overrides in sections.items():
         values.setdefault(section, {}).update(overrides)
     return load_config(overrides=[values])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-step run of a tiny 28x28 DCGAN (checkpoint with EMA)."""
+    from training.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    Trainer(tiny_config(run_dir, run={"max_steps": 2})).train()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_run(tmp_path_factory) -> Path:
+    from training.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("tiny-toy-run")
+    Trainer(tiny_config(run_dir, data={"dataset": "ring", "toy_epoch_samples": 64},
+                        model={"toy_hidden": 16, "toy_layers": 2}, run={"max_steps": 2})).train()
+    return run_dir

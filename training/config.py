@@ -123,9 +123,13 @@ RESUMABLE_KEYS = frozenset({"data.path", "data.download", "run.run_dir", "run.ep
                             "run.max_steps", "run.device", "run.checkpoint_every", "run.progress"})
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The recipe of the committed default model: a plain DCGAN plus batch 64, one-sided label
+    # smoothing and an EMA generator (sampled with its own BatchNorm statistics).
     "mnist": {
         "data": {"dataset": "mnist", "image_size": 28, "channels": 1},
-        "run": {"run_dir": "runs/mnist", "epochs": 5},
+        "optim": {"batch_size": 64},
+        "loss": {"label_smoothing": 0.1},
+        "run": {"run_dir": "runs/mnist", "epochs": 15, "ema_decay": 0.999, "checkpoint_every": 1000},
     },
     "ring": {
         "data": {"dataset": "ring"},

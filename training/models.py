@@ -120,3 +120,31 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
         generator.apply(dcgan_init)
         discriminator.apply(dcgan_init)
     return generator, discriminator
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(generator: nn.Module, latent_size: int, seed: int,
+                          batches: int = 32, batch_size: int = 256) -> nn.Module:
+    """A copy of ``generator`` whose BatchNorm statistics are measured on its own outputs.
+
+    An EMA generator's averaged weights do not match the running statistics it copied from the
+    raw G; re-estimating them (cumulative average over random latents) gives clean eval-mode
+    samples. Deterministic for a given seed. Returns the copy in eval mode.
+    """
+    import copy
+
+    model = copy.deepcopy(generator)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    device = next(model.parameters()).device
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average
+    model.train()
+    gen = torch.Generator(device).manual_seed(seed)
+    for _ in range(batches):
+        model(torch.randn(batch_size, latent_size, generator=gen, device=device))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()

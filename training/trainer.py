@@ -24,7 +24,7 @@ from training import checkpoint, reporting
 from training.config import ConfigError, TrainConfig
 from training.data import ImageBatches, ToyBatches, _mix, build_batches, toy_mixture
 from training.losses import LOSSES, gradient_penalty
-from training.models import build_models
+from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "d_acc")
@@ -240,16 +240,16 @@ class Trainer:
         reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
         self.save_checkpoint()
 
+    def sampling_generator(self) -> nn.Module:
+        """The generator to sample and export: EMA weights with their own BatchNorm statistics."""
+        if self.ema is None:
+            return copy.deepcopy(self.G).eval()
+        return recalibrate_batchnorm(self.ema, self.config.model.latent_size, self.config.run.seed)
+
     @torch.no_grad()
     def generate(self, z: torch.Tensor) -> np.ndarray:
-        """Samples from the EMA generator (G without EMA) in eval mode, as float32 numpy."""
-        model = self.ema if self.ema is not None else self.G
-        was_training = model.training
-        model.eval()
-        try:
-            return model(z).float().cpu().numpy()
-        finally:
-            model.train(was_training)
+        """Samples of :meth:`sampling_generator` in eval mode, as float32 numpy."""
+        return self.sampling_generator()(z).float().cpu().numpy()
 
     def save_samples(self, path: Path) -> None:
         """The fixed-noise grid (toys: a scatter plot) at ``path`` and as samples/latest.png."""

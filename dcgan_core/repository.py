@@ -1,0 +1,213 @@
+"""The model repository (Triton-like): ``<root>/<model>/<version>/{manifest.json, *.onnx}``.
+
+Export publishes into it, serving reads from it; this module is the contract between the two.
+A version appears atomically (built in a hidden temporary folder, then renamed to the next
+number) and is never modified afterwards. Every problem is a RepositoryError naming the model,
+version and file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcgan_core.atomic import atomic_write_text, fsync_dir
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REPOSITORY_CONFIG = "repository.json"
+KINDS = ("dcgan", "toy2d")
+
+
+class RepositoryError(RuntimeError):
+    """A repository, model, version or file that cannot be used, and why."""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One ONNX file: its tensor names and shapes (None = dynamic batch) and its sha256."""
+
+    file: str
+    input_name: str
+    input_shape: list[int | None]
+    output_name: str
+    output_shape: list[int | None]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a server or client needs without opening the ONNX files."""
+
+    name: str
+    version: int
+    kind: str  # dcgan | toy2d
+    latent_size: int
+    sample_shape: list[int]  # (C, H, W) for dcgan, (2,) for toy2d
+    value_range: list[float]
+    opset: int
+    generator: NetworkSpec
+    discriminator: NetworkSpec
+    created: str
+    source_run: str = ""
+    training: dict[str, Any] = field(default_factory=dict)  # resolved training config + step
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation results at export
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def channels(self) -> int:
+        return self.sample_shape[0] if self.kind == "dcgan" else 0
+
+    @property
+    def image_size(self) -> int:
+        return self.sample_shape[-1] if self.kind == "dcgan" else 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _where(name: str, version: int | str) -> str:
+    return f"model {name!r} version {version}"
+
+
+def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
+    """Validate a manifest's schema; errors say which field is wrong."""
+    def need(key: str, kind: type | tuple[type, ...], source: dict = data, prefix: str = "") -> Any:
+        if key not in source:
+            raise RepositoryError(f"{where}: manifest is missing field '{prefix}{key}'")
+        if not isinstance(source[key], kind) or isinstance(source[key], bool) and kind is not bool:
+            raise RepositoryError(f"{where}: manifest field '{prefix}{key}' has the wrong type")
+        return source[key]
+
+    if need("format_version", int) != FORMAT_VERSION:
+        raise RepositoryError(f"{where}: manifest format_version {data['format_version']} "
+                              f"is not supported (expected {FORMAT_VERSION})")
+    if need("kind", str) not in KINDS:
+        raise RepositoryError(f"{where}: manifest kind {data['kind']!r} is not one of {KINDS}")
+    networks = {}
+    for net in ("generator", "discriminator"):
+        spec = need(net, dict)
+        networks[net] = NetworkSpec(**{key: need(key, kind, spec, f"{net}.") for key, kind in [
+            ("file", str), ("input_name", str), ("input_shape", list), ("output_name", str),
+            ("output_shape", list), ("sha256", str)]})
+    return Manifest(
+        name=need("name", str), version=need("version", int), kind=data["kind"],
+        latent_size=need("latent_size", int), sample_shape=need("sample_shape", list),
+        value_range=need("value_range", list), opset=need("opset", int), created=need("created", str),
+        source_run=data.get("source_run", ""), training=data.get("training", {}),
+        metrics=data.get("metrics", {}), generator=networks["generator"],
+        discriminator=networks["discriminator"])
+
+
+class Repository:
+    """A model repository on disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            raise RepositoryError(f"model repository {self.root} does not exist")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[int]:
+        """Published versions of ``name``, ascending (temporary and odd folders are ignored)."""
+        folder = self.root / name
+        if not folder.is_dir():
+            raise RepositoryError(f"model {name!r} not found in {self.root}")
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def default_model(self) -> str:
+        """``default_model`` from repository.json, else the only/first model by name."""
+        config = self.root / REPOSITORY_CONFIG
+        if config.exists():
+            try:
+                name = json.loads(config.read_text())["default_model"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc})") from exc
+            return str(name)
+        models = self.models()
+        if not models:
+            raise RepositoryError(f"model repository {self.root} holds no models")
+        return models[0]
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    def manifest(self, name: str, version: int, verify_files: bool = True) -> Manifest:
+        """Read and validate one version's manifest; with ``verify_files`` check each sha256."""
+        where = _where(name, version)
+        folder = self.version_dir(name, version)
+        if not folder.is_dir():
+            raise RepositoryError(f"{where} not found in {self.root}")
+        try:
+            data = json.loads((folder / MANIFEST_NAME).read_text())
+        except FileNotFoundError:
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} is missing") from None
+        except ValueError as exc:
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} is not a JSON object")
+        manifest = parse_manifest(data, where)
+        if (manifest.name, manifest.version) != (name, version):
+            raise RepositoryError(f"{where}: manifest says model {manifest.name!r} version "
+                                  f"{manifest.version}; it was moved or copied by hand")
+        if verify_files:
+            for spec in (manifest.generator, manifest.discriminator):
+                self._verify(folder / spec.file, spec.sha256, where)
+        return manifest
+
+    @staticmethod
+    def _verify(path: Path, expected: str, where: str) -> None:
+        if not path.is_file():
+            raise RepositoryError(f"{where}: {path.name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise RepositoryError(f"{where}: {path.name} sha256 is {actual[:12]}..., manifest says "
+                                  f"{expected[:12]}... (file changed after publishing)")
+
+    def publish(self, name: str, build: Callable[[Path], Manifest]) -> Manifest:
+        """Build a version in a temporary folder and rename it to the next version number.
+
+        ``build(folder)`` writes the files and returns the manifest with ``version=0``; the
+        final number is filled in here. A crash before the rename leaves only a hidden folder.
+        """
+        if not name or name.startswith(".") or os.sep in name or name != name.strip():
+            raise RepositoryError(f"invalid model name {name!r}")
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+        staging.chmod(0o755)
+        try:
+            draft = build(staging)
+            while True:
+                version = max(self.versions(name), default=0) + 1
+                manifest = Manifest(**{**draft.__dict__, "name": name, "version": version})
+                atomic_write_text(staging / MANIFEST_NAME, manifest.to_json())
+                for path in staging.iterdir():
+                    path.chmod(0o444)  # published versions are immutable
+                try:
+                    os.rename(staging, model_dir / str(version))
+                    break
+                except OSError:  # another exporter took this number first
+                    (staging / MANIFEST_NAME).unlink()
+            fsync_dir(model_dir)
+            return manifest
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
