@@ -51,22 +51,24 @@ def encode_png(image_chw: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_image(data: bytes, channels: int, size: int | None = None) -> np.ndarray:
-    """Decode PNG/JPEG bytes to uint8 CHW with the given channel count.
+def decode_image(data: bytes, channels: int = 0, size: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 CHW with 1 or 3 channels (0: 1 for grayscale files, else 3).
 
-    With ``size`` the image must already be ``size``x``size`` (serving refuses to guess);
-    raises ValueError with the reason otherwise.
+    The header is checked before any pixel is decompressed: more than MAX_DECODE_PIXELS, or a
+    size other than ``size`` x ``size`` (serving refuses to guess), raises ValueError with the
+    reason, so a decompression bomb costs nothing.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_DECODE_PIXELS:
                 raise ValueError(f"image of {img.width}x{img.height} pixels exceeds the decode limit")
+            if size is not None and img.size != (size, size):
+                raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
             img.load()
-            converted = img.convert("L" if channels == 1 else "RGB")
+            grayscale = channels == 1 or (channels == 0 and img.mode in ("L", "1", "I", "I;16", "LA"))
+            converted = img.convert("L" if grayscale else "RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from exc
-    if size is not None and converted.size != (size, size):
-        raise ValueError(f"image is {converted.width}x{converted.height}, expected {size}x{size}")
     return pil_to_chw(converted)
 
 

@@ -1,0 +1,168 @@
+"""Python client for the dcgan inference service: numpy in, numpy out, typed errors.
+
+    with InferenceClient("localhost:50051") as client:
+        batch = client.sample(64, seed=1)          # batch.images: uint8 [64, 1, 28, 28]
+        scores = client.score(batch.images)        # scores.probabilities: float32 [64]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from dcgan.v1 import inference_pb2 as pb
+from dcgan.v1 import inference_pb2_grpc as pb_grpc
+from dcgan_core import images as imaging
+
+ENCODINGS = {"uint8": pb.ENCODING_RAW_UINT8, "float32": pb.ENCODING_RAW_FLOAT32, "png": pb.ENCODING_PNG,
+             "auto": pb.ENCODING_UNSPECIFIED}
+
+
+class ClientError(Exception):
+    """A failed call: ``code`` is the grpc.StatusCode, the message the server's details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class InvalidArgumentError(ClientError): ...
+class NotFoundError(ClientError): ...
+class ResourceExhaustedError(ClientError): ...
+class UnavailableError(ClientError): ...
+class DeadlineExceededError(ClientError): ...
+
+
+ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.NOT_FOUND: NotFoundError,
+          grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+          grpc.StatusCode.UNAVAILABLE: UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError}
+
+
+def _typed(error: grpc.RpcError) -> ClientError:
+    return ERRORS.get(error.code(), ClientError)(error.code(), error.details() or "")
+
+
+@dataclass
+class Samples:
+    model: str
+    version: int
+    seed: int
+    images: np.ndarray  # uint8 NCHW for uint8/png encodings, float32 otherwise (toy2d: [N, 2])
+    png: list[bytes] = field(default_factory=list)  # PNG encoding: the bytes as sent
+    probabilities: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    offset: int = 0
+    provider: str = ""
+
+
+@dataclass
+class Scores:
+    model: str
+    version: int
+    probabilities: np.ndarray
+    logits: np.ndarray
+    provider: str = ""
+
+
+def tensor_array(tensor: pb.Tensor) -> np.ndarray:
+    dtype = np.uint8 if tensor.dtype == pb.DTYPE_UINT8 else np.dtype("<f4")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(list(tensor.shape))
+
+
+def make_tensor(array: np.ndarray) -> pb.Tensor:
+    if array.dtype == np.uint8:
+        return pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_UINT8, data=array.tobytes())
+    return pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_FLOAT32,
+                     data=np.ascontiguousarray(array, dtype="<f4").tobytes())
+
+
+class InferenceClient:
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = 60.0,
+                 max_message_mb: int = 64, channel: grpc.Channel | None = None):
+        limit = max_message_mb * 1024 * 1024
+        self.channel = channel or grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
+                 encoding: str, include_scores: bool, chunk_size: int = 0) -> pb.SampleRequest:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+        request = pb.SampleRequest(model=model, version=version, count=count, encoding=ENCODINGS[encoding],
+                                   include_scores=include_scores, chunk_size=chunk_size)
+        if seed is not None:
+            request.seed = seed
+        if latents is not None:
+            request.latents.CopyFrom(make_tensor(np.asarray(latents, dtype=np.float32)))
+        return request
+
+    @staticmethod
+    def _samples(response: pb.SampleResponse) -> Samples:
+        if response.png:
+            pixels = np.stack([imaging.decode_image(blob) for blob in response.png])
+        else:
+            pixels = tensor_array(response.samples)
+        scored = len(response.scores) > 0
+        return Samples(response.model, response.version, response.seed, pixels, list(response.png),
+                       np.array(response.scores, np.float32) if scored else None,
+                       np.array(response.logits, np.float32) if scored else None, response.offset,
+                       response.provider)
+
+    def sample(self, count: int = 0, *, model: str = "", version: int = 0, seed: int | None = None,
+               latents: np.ndarray | None = None, encoding: str = "auto", include_scores: bool = False) -> Samples:
+        """``count`` samples (or one per latent row); same seed, same images."""
+        request = self._request(count, model, version, seed, latents, encoding, include_scores)
+        try:
+            return self._samples(self.stub.Sample(request, timeout=self.timeout))
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+
+    def sample_stream(self, count: int, *, model: str = "", version: int = 0, seed: int | None = None,
+                      encoding: str = "auto", include_scores: bool = False, chunk_size: int = 0) -> Iterator[Samples]:
+        """The samples of one seeded request, in chunks (for counts too large for one message)."""
+        request = self._request(count, model, version, seed, None, encoding, include_scores, chunk_size)
+        try:
+            for response in self.stub.SampleStream(request, timeout=self.timeout):
+                yield self._samples(response)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+
+    def score(self, images: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0) -> Scores:
+        """Probability of being real per image: a uint8/float32 array, or encoded image files."""
+        request = pb.ScoreRequest(model=model, version=version)
+        if isinstance(images, np.ndarray):
+            request.tensor.CopyFrom(make_tensor(images))
+        else:
+            request.images.extend(images)
+        try:
+            response = self.stub.Score(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+        return Scores(response.model, response.version, np.array(response.probabilities, np.float32),
+                      np.array(response.logits, np.float32), response.provider)
+
+    def models(self) -> pb.ListModelsResponse:
+        try:
+            return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+
+    def get_model(self, model: str = "") -> pb.ModelInfo:
+        try:
+            return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+

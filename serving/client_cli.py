@@ -1,0 +1,93 @@
+"""``dcgan-client``: sample images, score image files, list models.
+
+    dcgan-client sample --count 64 --seed 1 --out grid.png
+    dcgan-client sample --count 16 --seed 1 --out-dir samples/
+    dcgan-client score a.png b.png
+    dcgan-client models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dcgan_core import images
+from dcgan_core.atomic import atomic_write_bytes
+from serving.client import ClientError, InferenceClient
+
+
+def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
+    if bool(args.out) == bool(args.out_dir):
+        raise SystemExit("dcgan-client sample: give exactly one of --out GRID.png or --out-dir DIR")
+    batch = client.sample(args.count, model=args.model, version=args.version, seed=args.seed,
+                          encoding="png" if args.out_dir else "uint8")
+    if args.out:
+        images.save_png(images.make_grid(batch.images), args.out)
+        print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, seed {batch.seed}")
+        return
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, blob in enumerate(batch.png):
+        atomic_write_bytes(out / f"seed{batch.seed}_{index:05d}.png", blob)
+    print(f"wrote {len(batch.png)} PNGs to {out} ({batch.model} v{batch.version}, seed {batch.seed})")
+
+
+def _score(client: InferenceClient, args: argparse.Namespace) -> None:
+    blobs = [Path(f).read_bytes() for f in args.files]
+    scores = client.score(blobs, model=args.model, version=args.version)
+    width = max(len(f) for f in args.files)
+    print(f"{'file':<{width}}  p(real)   logit    ({scores.model} v{scores.version})")
+    for name, p, logit in zip(args.files, scores.probabilities, scores.logits):
+        print(f"{name:<{width}}  {p:7.4f}  {logit:8.3f}")
+
+
+def _models(client: InferenceClient, args: argparse.Namespace) -> None:
+    listing = client.models()
+    for info in listing.models:
+        versions = ", ".join(f"v{v.version} {('READY', 'FAILED', 'UNLOADED')[v.state - 1] if v.state else '?'}"
+                             + (f" on {v.provider}" if v.provider else "") + (f" ({v.error})" if v.error else "")
+                             for v in info.versions)
+        default = " (default)" if info.name == listing.default_model else ""
+        shape = "x".join(map(str, info.sample_shape))
+        print(f"{info.name}{default}: {info.kind} {shape}, latent {info.latent_size}; {versions}")
+        if args.verbose:
+            for v in info.versions:
+                if v.manifest_json:
+                    print(json.dumps(json.loads(v.manifest_json).get("metrics", {}), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dcgan-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sample = commands.add_parser("sample", help="generate images")
+    sample.add_argument("--count", type=int, default=64)
+    sample.add_argument("--seed", type=int, help="same seed, same images (default: the server draws one)")
+    sample.add_argument("--out", help="write one grid PNG")
+    sample.add_argument("--out-dir", help="write one PNG per sample")
+    score = commands.add_parser("score", help="probability of being real for image files")
+    score.add_argument("files", nargs="+")
+    models = commands.add_parser("models", help="models, versions and their state")
+    models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
+    for sub in (sample, score):
+        sub.add_argument("--model", default="", help="model name (default: the server's default model)")
+        sub.add_argument("--version", type=int, default=0, help="version (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        with InferenceClient(args.target, timeout=args.timeout) as client:
+            {"sample": _sample, "score": _score, "models": _models}[args.command](client, args)
+    except ClientError as exc:
+        print(f"dcgan-client: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dcgan-client: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Conversions between protobuf messages and numpy arrays (the wire side of the image convention)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dcgan.v1 import inference_pb2 as pb
+from dcgan_core import images
+from dcgan_core.repository import Manifest
+from serving.errors import InvalidArgument
+
+DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
+
+
+def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
+    """A Tensor message as a numpy array, with precise errors for inconsistent messages."""
+    if tensor.dtype not in DTYPES:
+        raise InvalidArgument(f"{what}: dtype must be DTYPE_UINT8 or DTYPE_FLOAT32")
+    shape = list(tensor.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: shape {shape} is invalid")
+    dtype = DTYPES[tensor.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidArgument(f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def array_to_tensor(array: np.ndarray) -> pb.Tensor:
+    dtype = pb.DTYPE_UINT8 if array.dtype == np.uint8 else pb.DTYPE_FLOAT32
+    data = np.ascontiguousarray(array, dtype=np.uint8 if dtype == pb.DTYPE_UINT8 else "<f4").tobytes()
+    return pb.Tensor(shape=list(array.shape), dtype=dtype, data=data)
+
+
+def to_model_range(array: np.ndarray) -> np.ndarray:
+    """uint8 images to [-1, 1] floats; float32 passes through."""
+    return images.uint8_to_model(array) if array.dtype == np.uint8 else array.astype(np.float32, copy=False)
+
+
+def decode_images(blobs: list[bytes], manifest: Manifest) -> np.ndarray:
+    """Encoded images -> uint8 NCHW, each checked against the model's size; errors name the index."""
+    decoded = []
+    for index, blob in enumerate(blobs):
+        try:
+            decoded.append(images.decode_image(blob, manifest.channels, manifest.image_size))
+        except ValueError as exc:
+            raise InvalidArgument(f"image {index}: {exc}") from None
+    return np.stack(decoded)
+
+
+def score_inputs(request: pb.ScoreRequest, manifest: Manifest, max_images: int) -> np.ndarray:
+    """The model-range float32 batch of a Score request."""
+    has_tensor = request.HasField("tensor")
+    if has_tensor == bool(request.images):
+        raise InvalidArgument("give either images (encoded) or tensor (raw), exactly one of them")
+    if request.images:
+        if manifest.kind != "dcgan":
+            raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: send a float32 [N, 2] tensor")
+        if len(request.images) > max_images:
+            raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(request.images)}")
+        return to_model_range(decode_images(list(request.images), manifest))
+    array = tensor_to_array(request.tensor, "tensor")
+    if manifest.kind != "dcgan" and array.dtype == np.uint8:
+        raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: the tensor must be float32")
+    return to_model_range(array)
+
+
+def resolve_encoding(encoding: int, manifest: Manifest) -> int:
+    if encoding == pb.ENCODING_UNSPECIFIED:
+        return pb.ENCODING_RAW_UINT8 if manifest.kind == "dcgan" else pb.ENCODING_RAW_FLOAT32
+    if encoding not in (pb.ENCODING_PNG, pb.ENCODING_RAW_UINT8, pb.ENCODING_RAW_FLOAT32):
+        raise InvalidArgument(f"unknown encoding {encoding}")
+    if manifest.kind != "dcgan" and encoding != pb.ENCODING_RAW_FLOAT32:
+        raise InvalidArgument(f"model {manifest.name!r} generates 2-D points: use ENCODING_RAW_FLOAT32")
+    return encoding
+
+
+def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding: int) -> None:
+    """Fill ``response`` with model-range samples in the requested encoding."""
+    if encoding == pb.ENCODING_RAW_FLOAT32:
+        response.samples.CopyFrom(array_to_tensor(samples.astype(np.float32, copy=False)))
+        return
+    pixels = images.model_to_uint8(samples)
+    if encoding == pb.ENCODING_PNG:
+        response.png.extend(images.encode_png(image) for image in pixels)
+    else:
+        response.samples.CopyFrom(array_to_tensor(pixels))

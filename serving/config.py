@@ -1,0 +1,70 @@
+"""The server's one configuration object: defaults <- TOML file (--config) <- command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ServeConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ServeConfig:
+    repository: str = "exported"
+    host: str = "[::]"
+    port: int = 50051
+    device: str = "auto"  # auto | cuda | cpu
+    max_batch_size: int = 64  # items merged into one run by the dynamic batcher
+    max_queue_delay_ms: float = 2.0  # how long the oldest queued request may wait for company
+    max_queue: int = 256  # queued requests per network before RESOURCE_EXHAUSTED
+    batching: bool = True  # false: every request runs alone
+    max_count: int = 1024  # samples per Sample request (SampleStream: per request too)
+    max_score_images: int = 1024  # images per Score request
+    max_message_mb: int = 64  # gRPC send/receive limit
+    stream_chunk_size: int = 256  # SampleStream default chunk
+    grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
+    threads: int = 64  # gRPC handler threads
+    ort_threads: int = 0  # onnxruntime intra-op threads per session (0: onnxruntime's default)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def validate(self) -> "ServeConfig":
+        for key in ("port", "max_batch_size", "max_queue", "max_count", "max_score_images",
+                    "max_message_mb", "stream_chunk_size", "threads"):
+            if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
+                raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
+        if self.max_queue_delay_ms < 0 or self.grace_s < 0:
+            raise ServeConfigError("max_queue_delay_ms and grace_s must be >= 0")
+        return self
+
+
+def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
+    """Defaults, then the TOML file's top-level keys, then non-None overrides."""
+    config = ServeConfig()
+    names = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ServeConfigError(f"cannot read config file {path}: {exc}") from exc
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in values.items():
+        if key not in names:
+            raise ServeConfigError(f"unknown setting {key!r}; settings are {', '.join(names)}")
+        kind = type(getattr(config, key))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ServeConfigError(f"{key} = {value!r} must be {kind.__name__}")
+        setattr(config, key, value)
+    return config.validate()

@@ -1,0 +1,78 @@
+"""onnxruntime sessions for one network: provider selection, IOBinding on CUDA, warm-up.
+
+onnxruntime-gpu lists the CUDA provider even on machines without a GPU, and silently falls back
+to the CPU when CUDA cannot start. So the provider actually in use is read back from the session,
+logged, and reported to clients.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The requested device cannot be used on this machine."""
+
+
+def cuda_usable() -> bool:
+    """CUDA provider compiled in and an NVIDIA driver present (no driver: no point trying)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def providers_for(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise RuntimeUnavailable(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not cuda_usable()):
+        return [CPU]
+    if device == "cuda" and not cuda_usable():
+        raise RuntimeUnavailable("device 'cuda' requested but onnxruntime's CUDA provider or the "
+                                 "NVIDIA driver is not available on this machine")
+    return [CUDA, CPU]
+
+
+class OnnxNetwork:
+    """One ONNX file with one input and one output, run on whole batches."""
+
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise RuntimeUnavailable(f"{path.name}: CUDA provider failed to start; got {self.provider}")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.path = path
+        log.info("loaded %s on %s", path, self.provider)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs for a float32 batch; on CUDA through IOBinding (output copied back once)."""
+        if self.provider != CUDA:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def warm_up(self, sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
+        """Run once per batch size so the first request does not pay for allocation/tuning."""
+        for size in batch_sizes:
+            self.run(np.zeros((size, *sample_shape), np.float32))

@@ -1,0 +1,127 @@
+"""``dcgan-serve``: the gRPC inference server.
+
+Serves dcgan.v1.Inference, grpc.health.v1.Health (overall "" and one entry per model name) and
+server reflection. SIGTERM/SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight
+calls get ``grace_s`` to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dcgan.v1 import inference_pb2 as pb
+from dcgan.v1 import inference_pb2_grpc as pb_grpc
+from dcgan_core.repository import Repository, RepositoryError
+from serving.config import ServeConfig, ServeConfigError, load_serve_config
+from serving.runtime import RuntimeUnavailable, providers_for
+from serving.service import InferenceService
+from serving.servicer import InferenceServicer
+from serving.store import ModelStore
+
+log = logging.getLogger("dcgan-serve")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class InferenceServer:
+    """A started gRPC server over a loaded ModelStore; ``port`` is the bound port."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        providers_for(config.device)  # fail fast on an impossible --device
+        self.store = ModelStore(Repository(config.repository), config)
+        self.store.load()
+        self.service = InferenceService(self.store, config)
+        options = [("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.max_receive_message_length", config.max_message_bytes)]
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service), self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        self._stopped = threading.Event()
+
+    def start(self) -> "InferenceServer":
+        self.server.start()
+        self.update_health()
+        log.info("serving %s on port %d", ", ".join(self.store.models()) or "no models", self.port)
+        return self
+
+    def update_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        any_ready = False
+        for name, entry in self.store.models().items():
+            ready = bool(entry.ready())
+            any_ready |= ready
+            self.health.set(name, serving if ready else not_serving)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, serving if any_ready else not_serving)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("shutting down: draining in-flight calls for up to %.1fs", self.config.grace_s)
+        self.health.enter_graceful_shutdown()
+        self.service.shutting_down = True
+        self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        self.store.close()
+        log.info("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (flags win)")
+    parser.add_argument("--repository", help="model repository root (default: exported)")
+    parser.add_argument("--host", help="bind address (default: [::])")
+    parser.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="execution device (default: auto)")
+    parser.add_argument("--max-batch-size", type=int, help="items merged per run (default: 64)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="batching window (default: 2)")
+    parser.add_argument("--max-queue", type=int, help="queued requests per network (default: 256)")
+    parser.add_argument("--no-batching", dest="batching", action="store_const", const=False,
+                        help="run every request alone")
+    parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
+    parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
+    parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
+    parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    try:
+        config = load_serve_config(config_file, args)
+        server = InferenceServer(config).start()
+    except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:
+        print(f"dcgan-serve: error: {exc}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"dcgan-serve: listening on port {server.port}", flush=True)
+    done.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The inference service's domain logic, free of gRPC: validate, batch, run, return numpy.
+
+Inputs and outputs are model-range float32 arrays (dcgan_core.images); the servicer converts
+to and from the wire encodings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import numpy as np
+
+from dcgan_core import latents as latent_rng
+from dcgan_core.repository import Manifest
+from serving.batcher import DynamicBatcher, Expired, QueueFull, Stopped
+from serving.config import ServeConfig
+from serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from serving.store import LoadedVersion, ModelStore
+
+IMAGE_RANGE_SLACK = 1e-3  # float32 images may exceed [-1, 1] by rounding, not more
+
+
+@dataclass(frozen=True)
+class Call:
+    """Per-call context: absolute deadline (time.monotonic) and whether the caller is still there."""
+
+    deadline: float | None = None
+    is_active: Callable[[], bool] = lambda: True
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass
+class SampleResult:
+    manifest: Manifest
+    provider: str
+    seed: int
+    samples: np.ndarray  # float32, model range
+    logits: np.ndarray | None
+
+
+@dataclass
+class ScoreResult:
+    manifest: Manifest
+    provider: str
+    logits: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return np.exp(-np.logaddexp(0.0, -self.logits)).astype(np.float32)  # stable sigmoid
+
+
+class InferenceService:
+    def __init__(self, store: ModelStore, config: ServeConfig):
+        self.store, self.config = store, config
+        self.shutting_down = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def admit(self) -> None:
+        """Called as a request arrives: once shutdown began, new work is refused."""
+        if self.shutting_down:
+            raise Unavailable("the server is shutting down; retry on another replica")
+
+    def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
+        try:
+            future = batcher.submit(inputs, call.deadline, call.is_active)
+        except QueueFull as exc:
+            raise ResourceExhausted(str(exc)) from exc
+        except Stopped as exc:
+            raise Unavailable(str(exc)) from exc
+        try:
+            return future.result(timeout=call.remaining())
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded("deadline exceeded while waiting for the model") from None
+        except Expired as exc:
+            raise DeadlineExceeded(str(exc)) from exc
+
+    def resolve(self, model: str, version: int) -> LoadedVersion:
+        return self.store.resolve(model, version)
+
+    # ------------------------------------------------------------------ sampling
+
+    def latents_for(self, manifest: Manifest, count: int, seed: int | None,
+                    explicit: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The latent batch of a request and the seed it used (0 for explicit latents)."""
+        size = manifest.latent_size
+        if explicit is not None:
+            if explicit.ndim != 2 or explicit.shape[1] != size:
+                raise InvalidArgument(f"latents have shape {list(explicit.shape)}; model "
+                                      f"{manifest.name!r} expects [count, {size}]")
+            if count not in (0, len(explicit)):
+                raise InvalidArgument(f"count is {count} but latents have {len(explicit)} rows")
+            if seed is not None:
+                raise InvalidArgument("give either seed or latents, not both")
+            if not np.all(np.isfinite(explicit)):
+                raise InvalidArgument("latents contain NaN or infinite values")
+            count = len(explicit)
+        self.check_count(count)
+        if explicit is not None:
+            return explicit.astype(np.float32, copy=False), 0
+        seed = latent_rng.draw_seed() if seed is None else seed
+        try:
+            return latent_rng.latents(seed, count, size), seed
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    def check_count(self, count: int) -> None:
+        if not 1 <= count <= self.config.max_count:
+            raise InvalidArgument(f"count must be in 1..{self.config.max_count}, got {count}")
+
+    def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
+               call: Call) -> SampleResult:
+        samples = self._run(loaded.generator, z, call)
+        logits = self._run(loaded.discriminator, samples, call) if include_scores else None
+        return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits)
+
+    # ------------------------------------------------------------------ scoring
+
+    def check_score_inputs(self, manifest: Manifest, inputs: np.ndarray) -> None:
+        expected = [*manifest.sample_shape]
+        if inputs.ndim != len(expected) + 1 or list(inputs.shape[1:]) != expected:
+            raise InvalidArgument(f"inputs have shape {list(inputs.shape)}; model {manifest.name!r} "
+                                  f"expects [N, {', '.join(map(str, expected))}]")
+        if not 1 <= len(inputs) <= self.config.max_score_images:
+            raise InvalidArgument(f"number of images must be in 1..{self.config.max_score_images}, got {len(inputs)}")
+        if not np.all(np.isfinite(inputs)):
+            bad = int(np.argmax(~np.isfinite(inputs.reshape(len(inputs), -1)).any(1)))
+            raise InvalidArgument(f"image {bad} contains NaN or infinite values")
+        if manifest.kind == "dcgan":
+            low, high = manifest.value_range
+            flat = inputs.reshape(len(inputs), -1)
+            outside = (flat.min(1) < low - IMAGE_RANGE_SLACK) | (flat.max(1) > high + IMAGE_RANGE_SLACK)
+            if outside.any():
+                bad = int(np.argmax(outside))
+                raise InvalidArgument(f"image {bad} has float32 values outside the model range "
+                                      f"[{low}, {high}] (send uint8 0..255, or scale to [-1, 1])")
+
+    def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call) -> ScoreResult:
+        self.check_score_inputs(loaded.manifest, inputs)
+        logits = self._run(loaded.discriminator, inputs.astype(np.float32, copy=False), call)
+        return ScoreResult(loaded.manifest, loaded.provider, logits)
+
+    def chunks(self, count: int, chunk_size: int) -> list[tuple[int, int]]:
+        """(offset, size) of each SampleStream message."""
+        size = chunk_size or self.config.stream_chunk_size
+        if size < 0:
+            raise InvalidArgument(f"chunk_size must be >= 0, got {chunk_size}")
+        return [(start, min(size, count - start)) for start in range(0, count, size)]
+
+    def response_bytes(self, manifest: Manifest, count: int, bytes_per_value: int) -> int:
+        return count * math.prod(manifest.sample_shape) * bytes_per_value

@@ -1,0 +1,123 @@
+"""The gRPC servicer: translates protobuf requests to InferenceService calls and back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from dcgan.v1 import inference_pb2 as pb
+from dcgan.v1 import inference_pb2_grpc as pb_grpc
+from serving import codec
+from serving.errors import ResourceExhausted, ServiceError
+from serving.service import Call, InferenceService, SampleResult
+from serving.store import FAILED, READY, ModelEntry
+
+VERSION_STATES = {READY: pb.VERSION_STATE_READY, FAILED: pb.VERSION_STATE_FAILED}
+BYTES_PER_VALUE = {pb.ENCODING_RAW_FLOAT32: 4, pb.ENCODING_RAW_UINT8: 1, pb.ENCODING_PNG: 1}
+
+
+@contextlib.contextmanager
+def status_from_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """A ServiceError becomes the gRPC status it names, with its message."""
+    try:
+        yield
+    except ServiceError as exc:
+        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+
+def call_of(context: grpc.ServicerContext) -> Call:
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return Call(deadline, context.is_active)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, service: InferenceService):
+        self.service = service
+
+    def _prepare_sample(self, request: pb.SampleRequest):
+        self.service.admit()
+        loaded = self.service.resolve(request.model, request.version)
+        encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
+        explicit = codec.tensor_to_array(request.latents, "latents") if request.HasField("latents") else None
+        if explicit is not None and explicit.dtype != np.float32:
+            raise codec.InvalidArgument("latents must be DTYPE_FLOAT32")
+        seed = request.seed if request.HasField("seed") else None
+        z, seed = self.service.latents_for(loaded.manifest, request.count, seed, explicit)
+        return loaded, encoding, z, seed
+
+    def _response(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
+        response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version,
+                                     seed=result.seed, offset=offset, provider=result.provider)
+        codec.encode_samples(response, result.samples, encoding)
+        if result.logits is not None:
+            response.logits.extend(result.logits.tolist())
+            response.scores.extend(np.exp(-np.logaddexp(0.0, -result.logits)).tolist())
+        return response
+
+    def _check_size(self, loaded, count: int, encoding: int, hint: str) -> None:
+        size = self.service.response_bytes(loaded.manifest, count, BYTES_PER_VALUE[encoding])
+        if size > self.service.config.max_message_bytes:
+            raise ResourceExhausted(f"a response of {count} samples is about {size} bytes, over the "
+                                    f"{self.service.config.max_message_mb} MiB message limit; {hint}")
+
+    def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
+        with status_from_errors(context):
+            loaded, encoding, z, seed = self._prepare_sample(request)
+            self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
+            result = self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
+            return self._response(result, encoding, 0)
+
+    def SampleStream(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleResponse]:
+        with status_from_errors(context):
+            loaded, encoding, z, seed = self._prepare_sample(request)
+            chunks = self.service.chunks(len(z), request.chunk_size)
+            self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
+            for offset, size in chunks:
+                result = self.service.sample(loaded, z[offset : offset + size], seed,
+                                             request.include_scores, call_of(context))
+                yield self._response(result, encoding, offset)
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        with status_from_errors(context):
+            self.service.admit()
+            loaded = self.service.resolve(request.model, request.version)
+            inputs = codec.score_inputs(request, loaded.manifest, self.service.config.max_score_images)
+            result = self.service.score(loaded, inputs, call_of(context))
+            return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
+                                    probabilities=result.probabilities.tolist(), logits=result.logits.tolist(),
+                                    provider=result.provider)
+
+    def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
+        info = pb.ModelInfo(name=entry.name)
+        ready = entry.ready()
+        info.latest_version = ready[-1] if ready else 0
+        for version, state in sorted(entry.versions.items()):
+            info.versions.append(pb.VersionInfo(
+                version=version, state=VERSION_STATES.get(state.state, pb.VERSION_STATE_UNLOADED),
+                provider=state.loaded.provider if state.loaded else "", error=state.error,
+                manifest_json=state.manifest_json))
+        manifests = [s.loaded.manifest for _, s in sorted(entry.versions.items()) if s.loaded]
+        if manifests:
+            info.kind, info.latent_size = manifests[-1].kind, manifests[-1].latent_size
+            info.sample_shape.extend(manifests[-1].sample_shape)
+        else:
+            for state in entry.versions.values():  # describe a failed model from its manifest, if readable
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    data = json.loads(state.manifest_json)
+                    info.kind, info.latent_size = data["kind"], data["latent_size"]
+        return info
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        store = self.service.store
+        return pb.ListModelsResponse(models=[self._model_info(e) for _, e in sorted(store.models().items())],
+                                     default_model=store.default_model)
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        with status_from_errors(context):
+            return self._model_info(self.service.store.entry(request.model))
