@@ -77,9 +77,10 @@ class InferenceServer:
             return
         self._stopped.set()
         log.info("shutting down: draining in-flight calls for up to %.1fs", self.config.grace_s)
-        self.health.enter_graceful_shutdown()
-        self.service.shutting_down = True
-        self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while we drain
+        if not self.service.drain(self.config.grace_s if grace is None else grace):
+            log.warning("grace period over: aborting calls still in flight")
+        self.server.stop(0).wait()
         self.store.close()
         log.info("stopped")
 

@@ -6,9 +6,11 @@ to and from the wire encodings.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -59,13 +61,30 @@ class InferenceService:
     def __init__(self, store: ModelStore, config: ServeConfig):
         self.store, self.config = store, config
         self.shutting_down = False
+        self._inflight = 0
+        self._idle = threading.Condition()
 
     # ------------------------------------------------------------------ helpers
 
-    def admit(self) -> None:
-        """Called as a request arrives: once shutdown began, new work is refused."""
-        if self.shutting_down:
-            raise Unavailable("the server is shutting down; retry on another replica")
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Wraps each inference call: refused once shutdown began, counted while in flight."""
+        with self._idle:
+            if self.shutting_down:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls, then wait up to ``timeout`` s for in-flight ones; True if all finished."""
+        with self._idle:
+            self.shutting_down = True
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
         try:

@@ -41,7 +41,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.service = service
 
     def _prepare_sample(self, request: pb.SampleRequest):
-        self.service.admit()
         loaded = self.service.resolve(request.model, request.version)
         encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
         explicit = codec.tensor_to_array(request.latents, "latents") if request.HasField("latents") else None
@@ -67,14 +66,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"{self.service.config.max_message_mb} MiB message limit; {hint}")
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
-        with status_from_errors(context):
+        with status_from_errors(context), self.service.admitted():
             loaded, encoding, z, seed = self._prepare_sample(request)
             self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
             result = self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
             return self._response(result, encoding, 0)
 
     def SampleStream(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleResponse]:
-        with status_from_errors(context):
+        with status_from_errors(context), self.service.admitted():
             loaded, encoding, z, seed = self._prepare_sample(request)
             chunks = self.service.chunks(len(z), request.chunk_size)
             self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
@@ -84,8 +83,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield self._response(result, encoding, offset)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with status_from_errors(context):
-            self.service.admit()
+        with status_from_errors(context), self.service.admitted():
             loaded = self.service.resolve(request.model, request.version)
             inputs = codec.score_inputs(request, loaded.manifest, self.service.config.max_score_images)
             result = self.service.score(loaded, inputs, call_of(context))

@@ -51,3 +51,31 @@ def tiny_toy_run(tmp_path_factory) -> Path:
     Trainer(tiny_config(run_dir, data={"dataset": "ring", "toy_epoch_samples": 64},
                         model={"toy_hidden": 16, "toy_layers": 2}, run={"max_steps": 2})).train()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def serving_repo(tmp_path_factory, tiny_run, tiny_toy_run) -> Path:
+    """A repository with a tiny image model (default), a toy model and the committed MNIST model."""
+    import json
+    import shutil
+
+    from dcgan_core.repository import Repository
+    from training.export import export_run
+
+    root = tmp_path_factory.mktemp("repository")
+    repository = Repository(root)
+    export_run(tiny_run, repository, "tiny")
+    export_run(tiny_toy_run, repository, "toy")
+    committed = ROOT / "exported" / "mnist-dcgan"
+    if committed.is_dir():
+        shutil.copytree(committed, root / "mnist-dcgan")
+    (root / "repository.json").write_text(json.dumps({"default_model": "tiny"}))
+    return root
+
+
+def start_server(repository: Path, **settings):
+    from serving.config import ServeConfig
+    from serving.server import InferenceServer
+
+    config = ServeConfig(repository=str(repository), host="127.0.0.1", port=0, **settings).validate()
+    return InferenceServer(config).start()
