@@ -30,9 +30,12 @@ def status_from_errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
 
+NO_DEADLINE_S = 10**7  # grpc reports "no deadline" as an enormous time_remaining()
+
+
 def call_of(context: grpc.ServicerContext) -> Call:
     remaining = context.time_remaining()
-    deadline = None if remaining is None else time.monotonic() + remaining
+    deadline = None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
     return Call(deadline, context.is_active)
 
 

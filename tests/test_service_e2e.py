@@ -44,6 +44,12 @@ def test_seeded_sampling_is_reproducible(client):
     assert drawn.seed != 0 and client.sample(2, seed=drawn.seed).images.tobytes() == drawn.images.tobytes()
 
 
+def test_calls_without_deadline(server):
+    with InferenceClient(f"127.0.0.1:{server.port}", timeout=None) as patient:
+        assert patient.sample(2, seed=1).images.shape == (2, 1, 28, 28)
+        assert patient.score(np.zeros((1, 1, 28, 28), np.uint8)).logits.shape == (1,)
+
+
 def test_explicit_latents_match_onnxruntime_on_the_manifest_file(client, serving_repo):
     z = latents(99, 5, 8)
     served = client.sample(latents=z, encoding="float32")

@@ -1,0 +1,171 @@
+"""Serving throughput and latency: gRPC service against raw in-process onnxruntime, side by side.
+
+Measures, interleaved over repeats (medians reported):
+  raw onnxruntime G and D at batch 1/64/256 (in this process, same files, same provider);
+  gRPC Sample(count=1/64/256, raw uint8) from one client;
+  64 concurrent clients asking for 1 image each, against a server with batching on and one off;
+  gRPC Score of 64 raw uint8 images.
+Servers run as real `dcgan-serve` processes on localhost. Results: bench/results/serve_<device>.json
+
+    .venv/bin/python bench/serve_throughput.py --repository exported --model mnist-dcgan
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import median, save  # noqa: E402
+from dcgan.v1 import inference_pb2 as pb  # noqa: E402
+from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+from dcgan_core.repository import Repository  # noqa: E402
+from serving.client import make_tensor  # noqa: E402
+from serving.runtime import OnnxNetwork  # noqa: E402
+
+Measurement = tuple[float, list[float]]  # (items per second, per-call latencies in seconds)
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ms = np.array(latencies) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def timed_loop(call: Callable[[], int], seconds: float) -> Measurement:
+    """Call repeatedly for ``seconds``; ``call`` returns the number of items it produced."""
+    latencies, items = [], 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        items += call()
+        latencies.append(time.perf_counter() - t)
+    return items / (time.perf_counter() - start), latencies
+
+
+def concurrent_clients(target: str, clients: int, seconds: float, request: pb.SampleRequest) -> Measurement:
+    """``clients`` concurrent callers (asyncio, one channel each) looping for ``seconds``."""
+    async def run() -> Measurement:
+        latencies: list[float] = []
+        channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+        stop_at = time.perf_counter() + seconds
+
+        async def client(channel: grpc.aio.Channel) -> None:
+            stub = pb_grpc.InferenceStub(channel)
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                await stub.Sample(request)
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in channels))
+        elapsed = time.perf_counter() - start
+        for channel in channels:
+            await channel.close()
+        return len(latencies) * request.count / elapsed, latencies
+
+    return asyncio.run(run())
+
+
+def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", repository,
+                             "--host", "127.0.0.1", "--port", "0", "--device", device, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if "listening on port" not in line:
+        raise SystemExit(f"server failed to start: {line}")
+    return proc, f"127.0.0.1:{line.rsplit(' ', 1)[1].strip()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", default="exported")
+    parser.add_argument("--model", default="mnist-dcgan")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement and repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=64)
+    args = parser.parse_args()
+
+    repository = Repository(args.repository)
+    version = max(repository.versions(args.model))
+    manifest = repository.manifest(args.model, version)
+    folder = repository.version_dir(args.model, version)
+    g = OnnxNetwork(folder / manifest.generator.file, args.device)
+    d = OnnxNetwork(folder / manifest.discriminator.file, args.device)
+    rng = np.random.default_rng(0)
+    digits = rng.integers(0, 256, (64, *manifest.sample_shape), dtype=np.uint8)
+
+    batching_on, target_on = start_server(args.repository, args.device, [])
+    batching_off, target_off = start_server(args.repository, args.device, ["--no-batching"])
+    channel = grpc.insecure_channel(target_on, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = pb_grpc.InferenceStub(channel)
+    single = pb.SampleRequest(model=args.model, count=1, seed=1, encoding=pb.ENCODING_RAW_UINT8)
+    score = pb.ScoreRequest(model=args.model, tensor=make_tensor(digits))
+
+    def raw(network: OnnxNetwork, shape: tuple[int, ...], batch: int) -> Callable[[], int]:
+        x = rng.standard_normal((batch, *shape)).astype(np.float32)
+        return lambda: len(network.run(x))
+
+    def sample(count: int) -> Callable[[], int]:
+        request = pb.SampleRequest(model=args.model, count=count, seed=1, encoding=pb.ENCODING_RAW_UINT8)
+        return lambda: count if stub.Sample(request).samples.data else 0
+
+    measurements: dict[str, Callable[[], Measurement]] = {}
+    for batch in (1, 64, 256):
+        measurements[f"raw_ort_generator_b{batch}"] = (
+            lambda b=batch: timed_loop(raw(g, (manifest.latent_size,), b), args.seconds))
+        measurements[f"raw_ort_discriminator_b{batch}"] = (
+            lambda b=batch: timed_loop(raw(d, tuple(manifest.sample_shape), b), args.seconds))
+        measurements[f"grpc_sample_count{batch}"] = lambda b=batch: timed_loop(sample(b), args.seconds)
+    measurements["grpc_score_64"] = lambda: timed_loop(lambda: len(stub.Score(score).logits), args.seconds)
+    measurements["concurrent_batching_on"] = lambda: concurrent_clients(target_on, args.clients, args.seconds, single)
+    measurements["concurrent_batching_off"] = lambda: concurrent_clients(target_off, args.clients, args.seconds, single)
+
+    results: dict[str, list[Measurement]] = {name: [] for name in measurements}
+    try:
+        for name, measure in measurements.items():
+            measure()  # warm-up
+        for repeat in range(args.repeats):
+            for name, measure in measurements.items():
+                results[name].append(measure())
+            print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
+    finally:
+        for proc in (batching_on, batching_off):
+            proc.terminate()
+            proc.wait(30)
+
+    table = {}
+    for name, runs in results.items():
+        rates = [rate for rate, _ in runs]
+        table[name] = {"items_per_s": median(rates), "repeats_items_per_s": rates,
+                       **percentiles([lat for _, lats in runs for lat in lats])}
+    rate = lambda name: table[name]["items_per_s"]  # noqa: E731
+    ratios = {
+        "sample256_over_raw_g256": (rate("grpc_sample_count256") / rate("raw_ort_generator_b256"), 0.9),
+        "concurrent_on_over_off": (rate("concurrent_batching_on") / rate("concurrent_batching_off"), 5.0),
+        "concurrent_on_over_raw_g64": (rate("concurrent_batching_on") / rate("raw_ort_generator_b64"), 0.5),
+        "score64_over_raw_d64": (rate("grpc_score_64") / rate("raw_ort_discriminator_b64"), 0.8),
+    }
+    print(f"\n{'measurement':<32} {'items/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for name, row in table.items():
+        print(f"{name:<32} {row['items_per_s']:>10.0f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p99_ms']:>8.2f}")
+    print()
+    for name, (value, target) in ratios.items():
+        print(f"{name:<32} {value:6.3f}  (target >= {target}) {'ok' if value >= target else 'BELOW TARGET'}")
+    save(f"serve_{g.provider.replace('ExecutionProvider', '').lower()}", {
+        "model": f"{args.model} v{version}", "provider": g.provider, "clients": args.clients,
+        "seconds_per_measurement": args.seconds, "repeats": args.repeats, "table": table,
+        "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()}})
+
+
+if __name__ == "__main__":
+    main()
