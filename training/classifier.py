@@ -53,7 +53,7 @@ def _dataset_key() -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
-def train_classifier(mnist_dir: Path, epochs: int = 2, seed: int = 0, progress: bool = True,
+def train_classifier(mnist_dir: Path, epochs: int = 3, seed: int = 0, progress: bool = True,
                      max_steps: int | None = None) -> MnistClassifier:
     """Adam 1e-3, batch 128; ``max_steps`` cuts training short (tests only)."""
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def features(model: MnistClassifier, samples: np.ndarray, batch: int = 1000) -> 
 
 
 def classifier_path(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / f"mnist-classifier-v2-{_dataset_key()}.pt"
+    return (cache_dir or default_cache_dir()) / f"mnist-classifier-v3-{_dataset_key()}.pt"
 
 
 def load_classifier(mnist_dir: Path, cache_dir: Path | None = None, progress: bool = True) -> MnistClassifier:

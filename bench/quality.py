@@ -1,0 +1,128 @@
+"""Quality: a plain pytorch/examples-style DCGAN against the project's MNIST preset, same epochs.
+
+Both train in this run on the same data (28x28, ngf/ndf 64, Adam 2e-4/0.5; the reference uses
+batch 128, BCE, non-saturating G loss, no EMA), then each draws 10k samples and is scored with
+the same classifier metrics (training.metrics). Optionally also scores a finished run (the
+committed default model's) against the same reference. Also reports the toy ring preset over
+several seeds. Writes bench/results/quality.json and both sample grids.
+
+    .venv/bin/python bench/quality.py --epochs 5 --extra-run runs/mnist-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, save  # noqa: E402
+from dcgan_core.latents import latents  # noqa: E402
+from training import metrics, reporting  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import build_batches, toy_mixture  # noqa: E402
+from training.evaluate import load_samples  # noqa: E402
+from training.models import build_models  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+
+def train_reference(data_dir: str, epochs: int, seed: int = 0) -> torch.nn.Module:
+    """pytorch/examples/dcgan's loop on the preset's architecture, batch 128, BCE, no EMA."""
+    config = load_config("mnist", overrides=[{"data": {"path": data_dir}, "optim": {"batch_size": 128},
+                                              "run": {"seed": seed}}])
+    torch.manual_seed(seed)
+    net_g, net_d = build_models(config)
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    batches = build_batches(config)
+    for epoch in range(epochs):
+        for index in tqdm(range(batches.steps_per_epoch), desc=f"reference epoch {epoch + 1}/{epochs}"):
+            real = batches.batch(epoch, index)
+            ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
+            net_d.zero_grad()
+            F.binary_cross_entropy_with_logits(net_d(real), ones).backward()
+            fake = net_g(torch.randn(len(real), config.model.latent_size))
+            F.binary_cross_entropy_with_logits(net_d(fake.detach()), zeros).backward()
+            opt_d.step()
+            net_g.zero_grad()
+            F.binary_cross_entropy_with_logits(net_d(fake), ones).backward()
+            opt_g.step()
+    return net_g.eval()
+
+
+def summarize(result: dict) -> dict:
+    return {k: result[k] for k in ("fd", "is", "coverage_min", "coverage_max")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/datasets/mnist")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--extra-run", type=Path, help="a finished run to score too (the default model's)")
+    parser.add_argument("--toy-seeds", type=int, default=5)
+    args = parser.parse_args()
+    reference_metrics = metrics.ImageReference.load(Path(args.data_dir))
+    report: dict = {"epochs": args.epochs, "samples": args.samples,
+                    "real_floor": summarize(metrics.real_floor(reference_metrics))}
+    z = torch.from_numpy(latents(0, args.samples, 100))
+
+    start = time.perf_counter()
+    reference = train_reference(args.data_dir, args.epochs)
+    report["reference_train_s"] = time.perf_counter() - start
+    with torch.no_grad():
+        ref_samples = torch.cat([reference(c) for c in z.split(1000)]).numpy()
+    report["reference"] = summarize(metrics.evaluate_images(ref_samples, reference_metrics))
+    reporting.save_image_grid(ref_samples[:64], RESULTS / "quality_reference_grid.png")
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = load_config("mnist", overrides=[{"data": {"path": args.data_dir},
+                                                  "run": {"run_dir": run_dir, "epochs": args.epochs}}])
+        start = time.perf_counter()
+        Trainer(config).train()
+        report["project_train_s"] = time.perf_counter() - start
+        project_samples = load_samples(Path(run_dir), args.samples, 0).values
+    report["project"] = summarize(metrics.evaluate_images(project_samples, reference_metrics))
+    reporting.save_image_grid(project_samples[:64], RESULTS / "quality_project_grid.png")
+    report["fd_ratio_project_over_reference"] = report["project"]["fd"] / report["reference"]["fd"]
+
+    if args.extra_run:
+        extra_samples = load_samples(args.extra_run, args.samples, 0).values
+        report["extra_run"] = {"path": str(args.extra_run),
+                               **summarize(metrics.evaluate_images(extra_samples, reference_metrics))}
+        report["fd_ratio_extra_over_reference"] = report["extra_run"]["fd"] / report["reference"]["fd"]
+        reporting.save_image_grid(extra_samples[:64], RESULTS / "quality_default_model_grid.png")
+
+    toy = []
+    for seed in range(args.toy_seeds):
+        with tempfile.TemporaryDirectory() as run_dir:
+            Trainer(load_config("ring", overrides=[{"run": {"run_dir": run_dir, "seed": seed, "progress": False}}])).train()
+            points = load_samples(Path(run_dir), 10000, seed).values
+            toy.append(metrics.toy_metrics(points, toy_mixture("ring")))
+    report["toy_ring"] = {key: {"mean": statistics.mean(t[key] for t in toy), "sd": statistics.pstdev(t[key] for t in toy)}
+                          for key in ("modes_covered", "high_quality", "reverse_kl")}
+    report["toy_ring"]["per_seed"] = toy
+
+    for name in ("real_floor", "reference", "project", "extra_run"):
+        if name in report:
+            row = report[name]
+            print(f"{name:<12} fd {row['fd']:8.3f}  is {row['is']:6.3f}  coverage {row['coverage_min']:.3f}..{row['coverage_max']:.3f}")
+    print(f"fd ratio project/reference at {args.epochs} epochs: {report['fd_ratio_project_over_reference']:.3f} (target <= 0.6)")
+    if args.extra_run:
+        print(f"fd ratio {args.extra_run}/reference: {report['fd_ratio_extra_over_reference']:.3f} (target <= 0.35)")
+    ring = report["toy_ring"]
+    print(f"toy ring over {args.toy_seeds} seeds: modes {ring['modes_covered']['mean']:.2f} ± {ring['modes_covered']['sd']:.2f}, "
+          f"high quality {ring['high_quality']['mean']:.3f} ± {ring['high_quality']['sd']:.3f}")
+    save("quality", report)
+
+
+if __name__ == "__main__":
+    main()
