@@ -77,7 +77,7 @@ def concurrent_clients(target: str, clients: int, seconds: float, request: pb.Sa
 
 def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", repository,
-                             "--host", "127.0.0.1", "--port", "0", "--device", device, *extra],
+                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", device, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if "listening on port" not in line:

@@ -120,15 +120,23 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
-            now = time.monotonic()
-            live = []
-            for request in taken:
-                if request.expired(now):
-                    request.future.set_exception(Expired("deadline passed or caller cancelled while queued"))
-                elif request.future.set_running_or_notify_cancel():
-                    live.append(request)
-            if live:
-                self._execute(live, now)
+            try:
+                self._dispatch(taken)
+            except Exception:  # never let one bad batch end the worker: every later call would hang
+                log.exception("batcher %s: unexpected error", self._thread.name)
+
+    def _dispatch(self, taken: list[_Request]) -> None:
+        now = time.monotonic()
+        live = []
+        for request in taken:
+            if not request.future.set_running_or_notify_cancel():
+                continue  # its caller gave up (future.cancel()) while it was queued
+            if request.expired(now):
+                request.future.set_exception(Expired("deadline passed or caller cancelled while queued"))
+            else:
+                live.append(request)
+        if live:
+            self._execute(live, now)
 
     def _execute(self, requests: list[_Request], now: float) -> None:
         start = time.perf_counter()

@@ -30,6 +30,7 @@ class ServeConfig:
     grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     threads: int = 64  # gRPC handler threads
     ort_threads: int = 0  # onnxruntime intra-op threads per session (0: onnxruntime's default)
+    metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
 
     @property
     def max_message_bytes(self) -> int:

@@ -23,6 +23,7 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from dcgan_core.repository import Repository, RepositoryError
 from serving.config import ServeConfig, ServeConfigError, load_serve_config
+from serving.metrics import ServingMetrics
 from serving.runtime import RuntimeUnavailable, providers_for
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
@@ -38,13 +39,14 @@ class InferenceServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         providers_for(config.device)  # fail fast on an impossible --device
-        self.store = ModelStore(Repository(config.repository), config)
+        self.metrics = ServingMetrics()
+        self.store = ModelStore(Repository(config.repository), config, self.metrics)
         self.store.load()
         self.service = InferenceService(self.store, config)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
         self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service), self.server)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -53,10 +55,14 @@ class InferenceServer:
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         self._stopped = threading.Event()
+        self.metrics_port: int | None = None
 
     def start(self) -> "InferenceServer":
         self.server.start()
         self.update_health()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port)
+            log.info("Prometheus metrics on port %d", self.metrics_port)
         log.info("serving %s on port %d", ", ".join(self.store.models()) or "no models", self.port)
         return self
 
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")
     return parser
 
 

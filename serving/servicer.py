@@ -14,20 +14,12 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from serving import codec
 from serving.errors import ResourceExhausted, ServiceError
+from serving.metrics import ServingMetrics
 from serving.service import Call, InferenceService, SampleResult
 from serving.store import FAILED, READY, ModelEntry
 
 VERSION_STATES = {READY: pb.VERSION_STATE_READY, FAILED: pb.VERSION_STATE_FAILED}
 BYTES_PER_VALUE = {pb.ENCODING_RAW_FLOAT32: 4, pb.ENCODING_RAW_UINT8: 1, pb.ENCODING_PNG: 1}
-
-
-@contextlib.contextmanager
-def status_from_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """A ServiceError becomes the gRPC status it names, with its message."""
-    try:
-        yield
-    except ServiceError as exc:
-        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
 
 NO_DEADLINE_S = 10**7  # grpc reports "no deadline" as an enormous time_remaining()
@@ -40,8 +32,24 @@ def call_of(context: grpc.ServicerContext) -> Call:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, service: InferenceService):
-        self.service = service
+    def __init__(self, service: InferenceService, metrics: ServingMetrics):
+        self.service, self.metrics = service, metrics
+
+    @contextlib.contextmanager
+    def _rpc(self, method: str, model: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Count and time the call; a ServiceError becomes the gRPC status it names."""
+        start, code = time.perf_counter(), "OK"
+        try:
+            yield
+        except ServiceError as exc:
+            code = exc.code
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self.metrics.requests.labels(method, model or self.service.store.default_model, code).inc()
+            self.metrics.request_latency.labels(method).observe(time.perf_counter() - start)
 
     def _prepare_sample(self, request: pb.SampleRequest):
         loaded = self.service.resolve(request.model, request.version)
@@ -69,14 +77,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"{self.service.config.max_message_mb} MiB message limit; {hint}")
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
-        with status_from_errors(context), self.service.admitted():
+        with self._rpc("Sample", request.model, context), self.service.admitted():
             loaded, encoding, z, seed = self._prepare_sample(request)
             self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
             result = self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
             return self._response(result, encoding, 0)
 
     def SampleStream(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleResponse]:
-        with status_from_errors(context), self.service.admitted():
+        with self._rpc("SampleStream", request.model, context), self.service.admitted():
             loaded, encoding, z, seed = self._prepare_sample(request)
             chunks = self.service.chunks(len(z), request.chunk_size)
             self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
@@ -86,7 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield self._response(result, encoding, offset)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with status_from_errors(context), self.service.admitted():
+        with self._rpc("Score", request.model, context), self.service.admitted():
             loaded = self.service.resolve(request.model, request.version)
             inputs = codec.score_inputs(request, loaded.manifest, self.service.config.max_score_images)
             result = self.service.score(loaded, inputs, call_of(context))
@@ -120,5 +128,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      default_model=store.default_model)
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        with status_from_errors(context):
+        with self._rpc("GetModel", request.model, context):
             return self._model_info(self.service.store.entry(request.model))

@@ -11,9 +11,10 @@ import threading
 from dataclasses import dataclass, field
 
 from dcgan_core.repository import Manifest, Repository, RepositoryError
-from serving.batcher import DynamicBatcher
+from serving.batcher import BatchStats, DynamicBatcher
 from serving.config import ServeConfig
 from serving.errors import NotFound
+from serving.metrics import ServingMetrics
 from serving.runtime import OnnxNetwork
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,16 @@ class ModelEntry:
         return sorted(v for v, e in self.versions.items() if e.state == READY)
 
 
-def load_version(repository: Repository, name: str, version: int, config: ServeConfig) -> LoadedVersion:
+def _observer(metrics: ServingMetrics, model: str, network: str):
+    def observe(stats: BatchStats) -> None:
+        metrics.queue_wait.labels(model, network).observe(stats.queue_wait_s)
+        metrics.compute.labels(model, network).observe(stats.compute_s)
+        metrics.batch_size.labels(model, network).observe(stats.size)
+    return observe
+
+
+def load_version(repository: Repository, name: str, version: int, config: ServeConfig,
+                 metrics: ServingMetrics) -> LoadedVersion:
     """Validate, load and warm up one version; raises on any problem."""
     manifest = repository.manifest(name, version)
     folder = repository.version_dir(name, version)
@@ -64,9 +74,13 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
         network.warm_up(input_shape, (1, config.max_batch_size))
         networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,
-                                    config.max_queue, config.batching, name=f"{name}/{version}/{net}")
+                                    config.max_queue, config.batching, name=f"{name}/{version}/{net}",
+                                    on_batch=_observer(metrics, name, net))
                 for net, network in networks.items()}
+    for net, batcher in batchers.items():
+        metrics.queue_depth.labels(name, net).set_function(batcher.depth)
     provider = networks["generator"].provider
+    metrics.loaded.labels(name, str(version), provider).set(1)
     log.info("model %s version %s ready on %s", name, version, provider)
     return LoadedVersion(manifest, provider, batchers["generator"], batchers["discriminator"])
 
@@ -74,8 +88,9 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
 class ModelStore:
     """Every model of a repository and the state of each of its versions."""
 
-    def __init__(self, repository: Repository, config: ServeConfig):
+    def __init__(self, repository: Repository, config: ServeConfig, metrics: ServingMetrics | None = None):
         self.repository, self.config = repository, config
+        self.metrics = metrics or ServingMetrics()
         self._lock = threading.Lock()
         self._models: dict[str, ModelEntry] = {}
         self.default_model = ""
@@ -93,10 +108,11 @@ class ModelStore:
         manifest_path = self.repository.version_dir(name, version) / "manifest.json"
         text = manifest_path.read_text() if manifest_path.exists() else ""
         try:
-            return VersionEntry(version, READY, load_version(self.repository, name, version, self.config),
-                                manifest_json=text)
+            return VersionEntry(version, READY, load_version(self.repository, name, version, self.config,
+                                                             self.metrics), manifest_json=text)
         except (RepositoryError, OSError, RuntimeError) as exc:  # onnxruntime raises RuntimeError subclasses
             log.error("model %s version %s failed to load: %s", name, version, exc)
+            self.metrics.load_failures.labels(name).inc()
             return VersionEntry(version, FAILED, error=str(exc), manifest_json=text)
 
     def models(self) -> dict[str, ModelEntry]:

@@ -93,6 +93,22 @@ def test_expired_and_cancelled_requests_cost_no_compute():
     assert run.sizes == [1, 7]
 
 
+def test_a_future_cancelled_while_queued_does_not_stop_the_worker():
+    run = Recorder()
+    run.gate.clear()
+    batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0)
+    blocker = batcher.submit(np.zeros((1, 1), np.float32))
+    time.sleep(0.05)
+    abandoned = batcher.submit(np.zeros((2, 1), np.float32), deadline=time.monotonic() + 0.01)
+    assert abandoned.cancel()  # what the service does when its caller's deadline passes first
+    time.sleep(0.05)
+    run.gate.set()
+    blocker.result(5)
+    assert batcher.submit(np.ones((3, 1), np.float32)).result(5).shape == (3, 1)
+    batcher.stop()
+    assert run.sizes == [1, 3]
+
+
 def test_a_failing_run_fails_its_requests_but_not_the_worker():
     calls = []
 

@@ -217,3 +217,19 @@ def test_health_and_reflection(server):
         answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         services = {s.name for s in answer.list_services_response.service}
         assert {"dcgan.v1.Inference", "grpc.health.v1.Health"} <= services
+
+
+def test_prometheus_metrics_during_traffic(server, client):
+    import urllib.request
+
+    for seed in range(5):
+        client.sample(3, seed=seed)
+    with pytest.raises(NotFoundError):
+        client.sample(1, model="ghost")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'dcgan_requests_total{code="OK",method="Sample",model="tiny"}' in text
+    assert 'dcgan_requests_total{code="NOT_FOUND",method="Sample",model="ghost"}' in text
+    for name in ("dcgan_request_latency_seconds_bucket", "dcgan_queue_wait_seconds_bucket",
+                 "dcgan_compute_seconds_bucket", "dcgan_batch_size_bucket", "dcgan_queue_depth"):
+        assert name in text, name
+    assert 'dcgan_model_version_loaded{model="tiny",provider="CPUExecutionProvider",version="1"} 1.0' in text

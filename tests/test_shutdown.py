@@ -16,7 +16,7 @@ from serving.client import InferenceClient, UnavailableError
 
 def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", str(serving_repo),
-                             "--host", "127.0.0.1", "--port", "0", *flags],
+                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "listening on port" not in line:

@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ring": {
         "data": {"dataset": "ring"},
         "optim": {"batch_size": 256, "lr_g": 1e-3, "lr_d": 1e-3},
-        "run": {"run_dir": "runs/ring", "epochs": 4, "checkpoint_every": 1000},
+        "run": {"run_dir": "runs/ring", "epochs": 24, "checkpoint_every": 2000},
     },
     "grid": {
         "data": {"dataset": "grid"},

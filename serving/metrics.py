@@ -1,0 +1,37 @@
+"""Prometheus metrics of the inference service (prometheus-client), served on their own HTTP port.
+
+Kept in a private registry so that several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("dcgan_requests_total", "RPCs by method, model and status code",
+                                ["method", "model", "code"], registry=self.registry)
+        self.request_latency = Histogram("dcgan_request_latency_seconds", "RPC latency by method",
+                                         ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("dcgan_queue_wait_seconds", "time the oldest request of a batch waited",
+                                    ["model", "network"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.compute = Histogram("dcgan_compute_seconds", "onnxruntime time per batch",
+                                 ["model", "network"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("dcgan_batch_size", "items per executed batch", ["model", "network"],
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("dcgan_queue_depth", "requests waiting per network", ["model", "network"],
+                                 registry=self.registry)
+        self.loaded = Gauge("dcgan_model_version_loaded", "1 for each ready version, by execution provider",
+                            ["model", "version", "provider"], registry=self.registry)
+        self.load_failures = Counter("dcgan_model_load_failures_total", "versions that failed to load",
+                                     ["model"], registry=self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
