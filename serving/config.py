@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ class ServeConfig:
     threads: int = 64  # gRPC handler threads
     ort_threads: int = 0  # onnxruntime intra-op threads per session (0: onnxruntime's default)
     metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
+    version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
+    version_policies: dict = field(default_factory=dict)  # per model name, overrides version_policy
+    poll_s: float = 2.0  # repository rescan interval (0: only on SIGHUP / ReloadModels)
 
     @property
     def max_message_bytes(self) -> int:
@@ -43,8 +46,15 @@ class ServeConfig:
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
-        if self.max_queue_delay_ms < 0 or self.grace_s < 0:
-            raise ServeConfigError("max_queue_delay_ms and grace_s must be >= 0")
+        if self.max_queue_delay_ms < 0 or self.grace_s < 0 or self.poll_s < 0:
+            raise ServeConfigError("max_queue_delay_ms, grace_s and poll_s must be >= 0")
+        from serving.store import parse_policy
+
+        for policy in [self.version_policy, *self.version_policies.values()]:
+            try:
+                parse_policy(str(policy))
+            except ValueError as exc:
+                raise ServeConfigError(str(exc)) from None
         return self
 
 

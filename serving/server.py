@@ -27,7 +27,7 @@ from serving.metrics import ServingMetrics
 from serving.runtime import RuntimeUnavailable, providers_for
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
-from serving.store import ModelStore
+from serving.store import ModelStore, RepositoryWatcher
 
 log = logging.getLogger("dcgan-serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -46,7 +46,8 @@ class InferenceServer:
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
         self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics), self.server)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
+                                                self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -56,10 +57,18 @@ class InferenceServer:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         self._stopped = threading.Event()
         self.metrics_port: int | None = None
+        self.watcher = RepositoryWatcher(self.store, config.poll_s, self.update_health) if config.poll_s else None
+
+    def reload(self) -> None:
+        """Rescan the repository now (ReloadModels RPC, SIGHUP)."""
+        self.store.rescan()
+        self.update_health()
 
     def start(self) -> "InferenceServer":
         self.server.start()
         self.update_health()
+        if self.watcher:
+            self.watcher.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.config.metrics_port)
             log.info("Prometheus metrics on port %d", self.metrics_port)
@@ -83,6 +92,8 @@ class InferenceServer:
             return
         self._stopped.set()
         log.info("shutting down: draining in-flight calls for up to %.1fs", self.config.grace_s)
+        if self.watcher:
+            self.watcher.stop()
         self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while we drain
         if not self.service.drain(self.config.grace_s if grace is None else grace):
             log.warning("grace period over: aborting calls still in flight")
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")
+    parser.add_argument("--version-policy", help="all | latest:N | specific:V1,V2 (default: latest:1)")
+    parser.add_argument("--poll-s", type=float, help="repository rescan interval, 0 = only on SIGHUP (default: 2)")
     return parser
 
 
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload, name="sighup").start())
     print(f"dcgan-serve: listening on port {server.port}", flush=True)
     done.wait()
     server.stop()

@@ -101,8 +101,9 @@ class InferenceService:
         except Expired as exc:
             raise DeadlineExceeded(str(exc)) from exc
 
-    def resolve(self, model: str, version: int) -> LoadedVersion:
-        return self.store.resolve(model, version)
+    def use(self, model: str, version: int) -> contextlib.AbstractContextManager[LoadedVersion]:
+        """The version a call runs on, held until the call ends (hot reload waits for it)."""
+        return self.store.use(model, version)
 
     # ------------------------------------------------------------------ sampling
 

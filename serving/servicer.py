@@ -32,8 +32,8 @@ def call_of(context: grpc.ServicerContext) -> Call:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, service: InferenceService, metrics: ServingMetrics):
-        self.service, self.metrics = service, metrics
+    def __init__(self, service: InferenceService, metrics: ServingMetrics, reload=lambda: None):
+        self.service, self.metrics, self.reload = service, metrics, reload
 
     @contextlib.contextmanager
     def _rpc(self, method: str, model: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -51,15 +51,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.metrics.requests.labels(method, model or self.service.store.default_model, code).inc()
             self.metrics.request_latency.labels(method).observe(time.perf_counter() - start)
 
-    def _prepare_sample(self, request: pb.SampleRequest):
-        loaded = self.service.resolve(request.model, request.version)
+    def _prepare_sample(self, request: pb.SampleRequest, loaded):
         encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
         explicit = codec.tensor_to_array(request.latents, "latents") if request.HasField("latents") else None
         if explicit is not None and explicit.dtype != np.float32:
             raise codec.InvalidArgument("latents must be DTYPE_FLOAT32")
         seed = request.seed if request.HasField("seed") else None
         z, seed = self.service.latents_for(loaded.manifest, request.count, seed, explicit)
-        return loaded, encoding, z, seed
+        return encoding, z, seed
 
     def _response(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
         response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version,
@@ -77,15 +76,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     f"{self.service.config.max_message_mb} MiB message limit; {hint}")
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
-        with self._rpc("Sample", request.model, context), self.service.admitted():
-            loaded, encoding, z, seed = self._prepare_sample(request)
+        with (self._rpc("Sample", request.model, context), self.service.admitted(),
+              self.service.use(request.model, request.version) as loaded):
+            encoding, z, seed = self._prepare_sample(request, loaded)
             self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
             result = self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
             return self._response(result, encoding, 0)
 
     def SampleStream(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleResponse]:
-        with self._rpc("SampleStream", request.model, context), self.service.admitted():
-            loaded, encoding, z, seed = self._prepare_sample(request)
+        with (self._rpc("SampleStream", request.model, context), self.service.admitted(),
+              self.service.use(request.model, request.version) as loaded):
+            encoding, z, seed = self._prepare_sample(request, loaded)
             chunks = self.service.chunks(len(z), request.chunk_size)
             self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
             for offset, size in chunks:
@@ -94,8 +95,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield self._response(result, encoding, offset)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with self._rpc("Score", request.model, context), self.service.admitted():
-            loaded = self.service.resolve(request.model, request.version)
+        with (self._rpc("Score", request.model, context), self.service.admitted(),
+              self.service.use(request.model, request.version) as loaded):
             inputs = codec.score_inputs(request, loaded.manifest, self.service.config.max_score_images)
             result = self.service.score(loaded, inputs, call_of(context))
             return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
@@ -126,6 +127,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         store = self.service.store
         return pb.ListModelsResponse(models=[self._model_info(e) for _, e in sorted(store.models().items())],
                                      default_model=store.default_model)
+
+    def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        with self._rpc("ReloadModels", "", context):
+            self.reload()
+            return self.ListModels(pb.ListModelsRequest(), context)
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         with self._rpc("GetModel", request.model, context):

@@ -1,0 +1,106 @@
+"""Publishing while clients call: new versions swap in with zero failed calls, broken ones never do."""
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dcgan.v1 import inference_pb2 as pb
+from dcgan_core.repository import Repository
+from serving.client import ClientError, InferenceClient
+from tests.conftest import start_server
+from training.export import export_run
+
+
+def _publish_broken(repository: Repository, name: str) -> int:
+    """A new version whose generator file no longer matches its manifest's sha256."""
+    latest = max(repository.versions(name))
+    version = latest + 1
+    staging = repository.root / name / f".staging-broken"
+    shutil.copytree(repository.version_dir(name, latest), staging)
+    for path in staging.iterdir():
+        path.chmod(0o644)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    manifest["version"] = version
+    (staging / "manifest.json").write_text(json.dumps(manifest))
+    (staging / "generator.onnx").write_bytes(b"not an onnx file")
+    staging.rename(repository.version_dir(name, version))
+    return version
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def live(tiny_run, tmp_path):
+    repository = Repository(tmp_path / "repo")
+    export_run(tiny_run, repository, "tiny")
+    server = start_server(repository.root, poll_s=0.2, version_policy="latest:1")
+    yield repository, server
+    server.stop(grace=1)
+
+
+def test_publish_new_then_broken_version_under_traffic(live, tiny_run):
+    repository, server = live
+    target = f"127.0.0.1:{server.port}"
+    seen, errors, stop = [], [], threading.Event()
+
+    def caller() -> None:
+        with InferenceClient(target, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    seen.append(client.sample(2, seed=1).version)
+                except ClientError as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_for(lambda: len(seen) > 20)
+        assert export_run(tiny_run, repository, "tiny").version == 2
+        _wait_for(lambda: seen[-1] == 2)
+        broken = _publish_broken(repository, "tiny")
+        with InferenceClient(target) as client:
+            _wait_for(lambda: any(v.version == broken for v in client.get_model("tiny").versions))
+            info = client.get_model("tiny")
+            states = {v.version: (v.state, v.error) for v in info.versions}
+            assert states[2][0] == pb.VERSION_STATE_READY and info.latest_version == 2
+            assert states[broken][0] == pb.VERSION_STATE_FAILED and "sha256" in states[broken][1]
+            assert 1 not in states  # latest:1 unloaded it once version 2 was ready
+            count = len(seen)
+            _wait_for(lambda: len(seen) > count + 20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert seen[0] == 1 and set(seen) == {1, 2}
+    first_two = seen.index(2)
+    assert set(seen[first_two + 50 :]) <= {2}  # once switched (after in-flight stragglers), stays on 2
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'dcgan_model_load_failures_total{model="tiny"} 1.0' in metrics
+
+
+def test_reload_rpc_and_removed_versions(live, tiny_run):
+    repository, server = live
+    server.watcher.stop()  # only explicit reloads from here on
+    with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        export_run(tiny_run, repository, "tiny")
+        assert client.sample(1, seed=1).version == 1  # not rescanned yet
+        listing = client.stub.ReloadModels(pb.ReloadModelsRequest())
+        assert [v.version for v in listing.models[0].versions] == [2]
+        assert client.sample(1, seed=1).version == 2
+        shutil.rmtree(repository.version_dir("tiny", 2))
+        client.stub.ReloadModels(pb.ReloadModelsRequest())
+        assert client.sample(1, seed=1).version == 1  # back to what is on disk
+        health = health_pb2_grpc.HealthStub(client.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service="tiny")).status == health_pb2.HealthCheckResponse.SERVING
