@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
+from serving import jobs
 from serving.client import ClientError, InferenceClient
 
 
@@ -58,6 +59,18 @@ def _models(client: InferenceClient, args: argparse.Namespace) -> None:
                     print(json.dumps(json.loads(v.manifest_json).get("metrics", {}), indent=2))
 
 
+def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
+    summary = jobs.score_job(client, jobs.list_inputs(args.input), Path(args.output), args.model,
+                             args.batch, args.concurrency, args.attempts, not args.no_progress)
+    print(f"score-job: {summary}; results in {args.output}")
+
+
+def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
+    summary = jobs.sample_job(client, args.count, Path(args.out_dir), args.seed, args.chunk, args.model,
+                              args.concurrency, args.attempts, not args.no_progress)
+    print(f"sample-job: {summary}; PNGs in {args.out_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcgan-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--out-dir", help="write one PNG per sample")
     score = commands.add_parser("score", help="probability of being real for image files")
     score.add_argument("files", nargs="+")
+    score_job = commands.add_parser("score-job", help="score many files into CSV/JSONL, resumably")
+    score_job.add_argument("--input", required=True, help="a folder, a glob pattern, or a file listing paths")
+    score_job.add_argument("--output", required=True, help="results .csv or .jsonl (appended; rerun to resume)")
+    score_job.add_argument("--batch", type=int, default=64, help="images per request")
+    sample_job = commands.add_parser("sample-job", help="generate many PNGs, resumably")
+    sample_job.add_argument("--count", type=int, required=True)
+    sample_job.add_argument("--out-dir", required=True)
+    sample_job.add_argument("--seed", type=int, default=0, help="chunk k uses seed + k")
+    sample_job.add_argument("--chunk", type=int, default=256, help="images per request")
+    for sub in (score_job, sample_job):
+        sub.add_argument("--model", default="")
+        sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+        sub.add_argument("--attempts", type=int, default=6, help="tries per request on UNAVAILABLE etc.")
+        sub.add_argument("--no-progress", action="store_true")
     models = commands.add_parser("models", help="models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
     for sub in (sample, score):
@@ -79,10 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with InferenceClient(args.target, timeout=args.timeout) as client:
-            {"sample": _sample, "score": _score, "models": _models}[args.command](client, args)
+            commands_by_name = {"sample": _sample, "score": _score, "models": _models,
+                                "score-job": _score_job, "sample-job": _sample_job}
+            commands_by_name[args.command](client, args)
     except ClientError as exc:
         print(f"dcgan-client: {exc}", file=sys.stderr)
         return 1
+    except jobs.JobError as exc:
+        print(f"dcgan-client: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"dcgan-client: {exc}", file=sys.stderr)
         return 2

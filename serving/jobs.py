@@ -1,0 +1,201 @@
+"""Client-side batch jobs: score many image files, or generate many samples, resumably.
+
+Both survive any interruption, kill -9 included. ``score_job`` appends whole lines to its output
+and, on restart, drops a torn last line and skips inputs already present, so the output ends with
+every input exactly once. ``sample_job`` names files after the seed that made them and writes
+each atomically, so a restart regenerates only the chunks that are incomplete.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
+from serving.client import (ClientError, DeadlineExceededError, InferenceClient, InvalidArgumentError,
+                            ResourceExhaustedError, UnavailableError)
+
+RETRYABLE = (UnavailableError, ResourceExhaustedError, DeadlineExceededError)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+FIELDS = ["path", "probability", "logit", "model", "version", "error"]
+T = TypeVar("T")
+
+
+class JobError(RuntimeError):
+    pass
+
+
+def with_retries(call: Callable[[], T], attempts: int, base_delay: float = 0.2) -> T:
+    """Retry UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except RETRYABLE:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def list_inputs(spec: str) -> list[str]:
+    """A directory (its images, recursively), a glob pattern, or a text file listing paths."""
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    matches = sorted(glob.glob(spec, recursive=True))
+    if not matches:
+        raise JobError(f"--input {spec!r} matches no files")
+    return matches
+
+
+class ResultFile:
+    """An append-only CSV or JSONL file of one record per input, safe against torn writes."""
+
+    def __init__(self, path: Path):
+        if path.suffix not in (".csv", ".jsonl"):
+            raise JobError(f"--output must end in .csv or .jsonl, got {path.name}")
+        self.path, self.csv = path, path.suffix == ".csv"
+
+    def done(self) -> set[str]:
+        """Paths already recorded; a torn last line (no newline) is cut off first."""
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with self.path.open("r+b") as handle:
+                handle.truncate(len(complete))
+        text = complete.decode()
+        if self.csv:
+            return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+        return {json.loads(line)["path"] for line in text.splitlines() if line}
+
+    def append(self, records: list[dict]) -> None:
+        """Write whole lines in one write() and fsync them: a crash loses at most a tail."""
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        buffer = io.StringIO()
+        if self.csv:
+            writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n")
+            if new_file:
+                writer.writeheader()
+            writer.writerows(records)
+        else:
+            buffer.writelines(json.dumps({k: r.get(k) for k in FIELDS}) + "\n" for r in records)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+@dataclass
+class JobSummary:
+    total: int
+    skipped: int
+    done: int
+    errors: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        return (f"{self.total} inputs: {self.skipped} already done, {self.done} processed now "
+                f"({self.errors} errors) in {self.seconds:.1f}s, {rate:.1f}/s")
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _score_batch(client: InferenceClient, paths: list[str], model: str, attempts: int) -> list[dict]:
+    """Score files together; an invalid image is recorded for its file, the others still scored."""
+    blobs, records = [], []
+    for path in paths:
+        try:
+            blobs.append(Path(path).read_bytes())
+        except OSError as exc:
+            blobs.append(None)
+            records.append({"path": path, "error": f"cannot read: {exc.strerror}"})
+    readable = [(p, b) for p, b in zip(paths, blobs) if b is not None]
+    if not readable:
+        return records
+    try:
+        scores = with_retries(lambda: client.score([b for _, b in readable], model=model), attempts)
+    except InvalidArgumentError as exc:
+        if len(readable) == 1:
+            return records + [{"path": readable[0][0], "error": exc.details}]
+        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, attempts)]
+    return records + [{"path": p, "probability": float(prob), "logit": float(logit), "model": scores.model,
+                       "version": scores.version}
+                      for (p, _), prob, logit in zip(readable, scores.probabilities, scores.logits)]
+
+
+def score_job(client: InferenceClient, inputs: list[str], output: Path, model: str = "", batch: int = 64,
+              concurrency: int = 4, attempts: int = 6, progress: bool = True) -> JobSummary:
+    results = ResultFile(output)
+    done = results.done()
+    todo = [p for p in dict.fromkeys(inputs) if p not in done]
+    start, errors = time.monotonic(), 0
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="scoring")
+    with ThreadPoolExecutor(concurrency) as pool:
+        pending = set()
+        for chunk in _chunks(todo, batch):
+            if len(pending) >= concurrency * 2:  # bounded in-flight work, results written in turn
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                errors += _record(results, finished, bar)
+            pending.add(pool.submit(_score_batch, client, chunk, model, attempts))
+        errors += _record(results, wait(pending).done, bar)
+    bar.close()
+    return JobSummary(len(set(inputs)), len(set(inputs)) - len(todo), len(todo), errors, time.monotonic() - start)
+
+
+def _record(results: ResultFile, finished, bar) -> int:
+    errors = 0
+    for future in finished:
+        records = future.result()
+        results.append(records)
+        errors += sum(1 for r in records if r.get("error"))
+        bar.update(len(records))
+    return errors
+
+
+def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0, chunk: int = 256,
+               model: str = "", concurrency: int = 2, attempts: int = 6, progress: bool = True) -> JobSummary:
+    """``count`` PNGs named ``seed{S}_{i:04d}.png``: chunk k is request seed ``seed + k``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"count": count, "seed": seed, "chunk": chunk, "model": model}
+    job_file = out_dir / "job.json"
+    if job_file.exists() and json.loads(job_file.read_text()) != params:
+        raise JobError(f"{out_dir} holds a job with other parameters {job_file.read_text().strip()}; "
+                       f"use another --out-dir")
+    atomic_write_text(job_file, json.dumps(params) + "\n")
+    plan = [(seed + k, min(chunk, count - k * chunk)) for k in range((count + chunk - 1) // chunk)]
+    names = lambda s, n: [out_dir / f"seed{s}_{i:04d}.png" for i in range(n)]  # noqa: E731
+    todo = [(s, n) for s, n in plan if not all(p.exists() for p in names(s, n))]
+    start = time.monotonic()
+    bar = tqdm(total=sum(n for _, n in todo), unit="img", disable=not progress, desc="sampling")
+
+    def run(s: int, n: int) -> None:
+        batch = with_retries(lambda: client.sample(n, seed=s, model=model, encoding="png"), attempts)
+        for path, blob in zip(names(s, n), batch.png):
+            atomic_write_bytes(path, blob)
+        bar.update(n)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(run, s, n) for s, n in todo]:
+            future.result()
+    bar.close()
+    done = sum(n for _, n in todo)
+    return JobSummary(count, count - done, done, 0, time.monotonic() - start)
