@@ -181,6 +181,8 @@ def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0
         raise JobError(f"{out_dir} holds a job with other parameters {job_file.read_text().strip()}; "
                        f"use another --out-dir")
     atomic_write_text(job_file, json.dumps(params) + "\n")
+    for stale in out_dir.glob(".*.tmp"):  # left by a kill during an atomic write
+        stale.unlink(missing_ok=True)
     plan = [(seed + k, min(chunk, count - k * chunk)) for k in range((count + chunk - 1) // chunk)]
     names = lambda s, n: [out_dir / f"seed{s}_{i:04d}.png" for i in range(n)]  # noqa: E731
     todo = [(s, n) for s, n in plan if not all(p.exists() for p in names(s, n))]
