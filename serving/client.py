@@ -16,6 +16,7 @@ import numpy as np
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from dcgan_core import images as imaging
+from serving import security
 
 ENCODINGS = {"uint8": pb.ENCODING_RAW_UINT8, "float32": pb.ENCODING_RAW_FLOAT32, "png": pb.ENCODING_PNG,
              "auto": pb.ENCODING_UNSPECIFIED}
@@ -34,11 +35,13 @@ class NotFoundError(ClientError): ...
 class ResourceExhaustedError(ClientError): ...
 class UnavailableError(ClientError): ...
 class DeadlineExceededError(ClientError): ...
+class UnauthenticatedError(ClientError): ...
 
 
 ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.NOT_FOUND: NotFoundError,
           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-          grpc.StatusCode.UNAVAILABLE: UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError}
+          grpc.StatusCode.UNAVAILABLE: UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+          grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError}
 
 
 def _typed(error: grpc.RpcError) -> ClientError:
@@ -81,10 +84,11 @@ def make_tensor(array: np.ndarray) -> pb.Tensor:
 
 class InferenceClient:
     def __init__(self, target: str = "localhost:50051", timeout: float | None = 60.0,
-                 max_message_mb: int = 64, channel: grpc.Channel | None = None):
+                 max_message_mb: int = 64, channel: grpc.Channel | None = None,
+                 tls_ca: str | None = None, token: str | None = None):
         limit = max_message_mb * 1024 * 1024
-        self.channel = channel or grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        self.channel = channel or security.channel(target, options, tls_ca, token)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
 

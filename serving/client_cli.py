@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust: connect with TLS")
+    parser.add_argument("--token-file", help="file holding the bearer token (needs --tls-ca)")
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="generate images")
     sample.add_argument("--count", type=int, default=64)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--version", type=int, default=0, help="version (default: latest)")
     args = parser.parse_args(argv)
     try:
-        with InferenceClient(args.target, timeout=args.timeout) as client:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token) as client:
             commands_by_name = {"sample": _sample, "score": _score, "models": _models,
                                 "score-job": _score_job, "sample-job": _sample_job}
             commands_by_name[args.command](client, args)
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except jobs.JobError as exc:
         print(f"dcgan-client: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"dcgan-client: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"dcgan-client: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

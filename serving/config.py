@@ -34,6 +34,9 @@ class ServeConfig:
     version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
     version_policies: dict = field(default_factory=dict)  # per model name, overrides version_policy
     poll_s: float = 2.0  # repository rescan interval (0: only on SIGHUP / ReloadModels)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks TLS only
+    tls_key: str = ""
+    auth_token_file: str = ""  # file holding the bearer token clients must send (needs TLS)
 
     @property
     def max_message_bytes(self) -> int:
@@ -48,6 +51,10 @@ class ServeConfig:
             raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
         if self.max_queue_delay_ms < 0 or self.grace_s < 0 or self.poll_s < 0:
             raise ServeConfigError("max_queue_delay_ms, grace_s and poll_s must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ServeConfigError("tls_cert and tls_key go together")
+        if self.auth_token_file and not self.tls_cert:
+            raise ServeConfigError("auth_token_file needs TLS (tls_cert and tls_key): tokens must not travel in clear")
         from serving.store import parse_policy
 
         for policy in [self.version_policy, *self.version_policies.values()]:

@@ -11,15 +11,18 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving import security
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.healthcheck", description=__doc__)
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--service", default="", help='"" for the whole server, or a model name')
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
     args = parser.parse_args(argv)
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with security.channel(args.target, [], args.tls_ca) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as error:

@@ -25,6 +25,7 @@ from dcgan_core.repository import Repository, RepositoryError
 from serving.config import ServeConfig, ServeConfigError, load_serve_config
 from serving.metrics import ServingMetrics
 from serving.runtime import RuntimeUnavailable, providers_for
+from serving.security import BearerTokenInterceptor, server_credentials
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
 from serving.store import ModelStore, RepositoryWatcher
@@ -45,14 +46,22 @@ class InferenceServer:
         self.service = InferenceService(self.store, config)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options)
+        interceptors = []
+        if config.auth_token_file:
+            interceptors.append(BearerTokenInterceptor(Path(config.auth_token_file).read_text().strip()))
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options,
+                                  interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
                                                 self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            self.port = self.server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         self._stopped = threading.Event()
@@ -120,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")
+    parser.add_argument("--tls-cert", help="PEM certificate (chain) for TLS")
+    parser.add_argument("--tls-key", help="PEM private key for TLS")
+    parser.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' (token in this file)")
     parser.add_argument("--version-policy", help="all | latest:N | specific:V1,V2 (default: latest:1)")
     parser.add_argument("--poll-s", type=float, help="repository rescan interval, 0 = only on SIGHUP (default: 2)")
     return parser

@@ -1,0 +1,88 @@
+"""TLS, bearer-token authentication and input limits on a real server."""
+
+import io
+import subprocess
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serving import security
+from serving.client import InferenceClient, InvalidArgumentError, UnauthenticatedError, UnavailableError
+from serving.config import ServeConfigError, load_serve_config
+from tests.conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(folder / "key.pem"),
+                    "-out", str(folder / "cert.pem")], check=True, capture_output=True)
+    (folder / "token").write_text("s3cret-token\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def secure_server(serving_repo, certificate):
+    server = start_server(serving_repo, poll_s=0, tls_cert=str(certificate / "cert.pem"),
+                          tls_key=str(certificate / "key.pem"), auth_token_file=str(certificate / "token"))
+    yield server
+    server.stop(grace=1)
+
+
+def test_tls_with_token_is_served(secure_server, certificate):
+    ca = str(certificate / "cert.pem")
+    with InferenceClient(f"localhost:{secure_server.port}", tls_ca=ca, token="s3cret-token") as client:
+        assert client.sample(2, seed=1).images.shape == (2, 1, 28, 28)
+        assert sum(len(c.images) for c in client.sample_stream(5, seed=1, chunk_size=2)) == 5
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_missing_or_wrong_token_is_unauthenticated(secure_server, certificate, token):
+    ca = str(certificate / "cert.pem")
+    with InferenceClient(f"localhost:{secure_server.port}", tls_ca=ca, token=token) as client:
+        with pytest.raises(UnauthenticatedError, match="missing or invalid bearer token"):
+            client.sample(1, seed=1)
+        with pytest.raises(UnauthenticatedError):
+            list(client.sample_stream(2, seed=1))
+        with pytest.raises(UnauthenticatedError):
+            client.models()
+        # probes need no token
+        health = health_pb2_grpc.HealthStub(client.channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_client_cannot_talk_to_tls_server(secure_server):
+    with InferenceClient(f"localhost:{secure_server.port}", timeout=5) as client:
+        with pytest.raises(UnavailableError):
+            client.sample(1, seed=1)
+
+
+def test_token_without_tls_is_refused(tmp_path):
+    (tmp_path / "t").write_text("x")
+    with pytest.raises(ServeConfigError, match="needs TLS"):
+        load_serve_config(None, {"auth_token_file": str(tmp_path / "t")})
+    with pytest.raises(ValueError, match="needs TLS"):
+        security.channel("localhost:1", [], None, "token")
+
+
+def test_decompression_bomb_is_rejected_before_decoding(serving_repo):
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG", optimize=True)  # 400 MP, a few hundred KB
+    bomb = buffer.getvalue()
+    assert len(bomb) < 2_000_000
+    server = start_server(serving_repo, poll_s=0)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            start = time.monotonic()
+            with pytest.raises(InvalidArgumentError, match="image 0: .*(decode limit|decompression bomb)"):
+                client.score([bomb])
+            assert time.monotonic() - start < 2.0
+            with pytest.raises(InvalidArgumentError, match="number of images must be in 1..1024"):
+                client.score(np.zeros((1025, 1, 28, 28), np.uint8))
+    finally:
+        server.stop(grace=1)
