@@ -20,42 +20,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, save  # noqa: E402
+from bench.reference import ReferenceDCGAN  # noqa: E402
 from dcgan_core.latents import latents  # noqa: E402
 from training import metrics, reporting  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import build_batches, toy_mixture  # noqa: E402
 from training.evaluate import load_samples  # noqa: E402
-from training.models import build_models  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 
 def train_reference(data_dir: str, epochs: int, seed: int = 0) -> torch.nn.Module:
-    """pytorch/examples/dcgan's loop on the preset's architecture, batch 128, BCE, no EMA."""
+    """pytorch/examples/dcgan (bench.reference) on the preset's architecture, batch 128."""
     config = load_config("mnist", overrides=[{"data": {"path": data_dir}, "optim": {"batch_size": 128},
-                                              "run": {"seed": seed}}])
-    torch.manual_seed(seed)
-    net_g, net_d = build_models(config)
-    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+                                              "model": {"spectral_norm": False}, "run": {"seed": seed}}])
+    reference = ReferenceDCGAN(config, seed)
     batches = build_batches(config)
     for epoch in range(epochs):
         for index in tqdm(range(batches.steps_per_epoch), desc=f"reference epoch {epoch + 1}/{epochs}"):
-            real = batches.batch(epoch, index)
-            ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
-            net_d.zero_grad()
-            F.binary_cross_entropy_with_logits(net_d(real), ones).backward()
-            fake = net_g(torch.randn(len(real), config.model.latent_size))
-            F.binary_cross_entropy_with_logits(net_d(fake.detach()), zeros).backward()
-            opt_d.step()
-            net_g.zero_grad()
-            F.binary_cross_entropy_with_logits(net_d(fake), ones).backward()
-            opt_g.step()
-    return net_g.eval()
+            reference.step(batches.batch(epoch, index))
+    return reference.net_g.eval()
 
 
 def summarize(result: dict) -> dict:

@@ -14,42 +14,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, median, save, timed  # noqa: E402
+from bench.reference import ReferenceDCGAN  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import build_batches  # noqa: E402
-from training.models import build_models  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 
 def reference_loop(config, batches, steps: int):
-    """pytorch/examples/dcgan's loop, with logits + BCEWithLogits instead of sigmoid + BCE."""
-    torch.manual_seed(config.run.seed)
-    net_g, net_d = build_models(config)
-    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    reference = ReferenceDCGAN(config, config.run.seed)
     state = {"step": 0}
 
     def run() -> None:
         for _ in range(steps):
             epoch, index = divmod(state["step"], batches.steps_per_epoch)
-            real = batches.batch(epoch, index)
-            ones, zeros = torch.ones(real.shape[0]), torch.zeros(real.shape[0])
-            net_d.zero_grad()
-            err_real = F.binary_cross_entropy_with_logits(net_d(real), ones)
-            err_real.backward()
-            fake = net_g(torch.randn(real.shape[0], config.model.latent_size))
-            err_fake = F.binary_cross_entropy_with_logits(net_d(fake.detach()), zeros)
-            err_fake.backward()
-            opt_d.step()
-            net_g.zero_grad()
-            err_g = F.binary_cross_entropy_with_logits(net_d(fake), ones)
-            err_g.backward()
-            opt_g.step()
-            _ = (err_real + err_fake).item(), err_g.item()  # the example prints these every step
+            reference.step(batches.batch(epoch, index))
             state["step"] += 1
 
     return run

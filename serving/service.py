@@ -54,7 +54,12 @@ class ScoreResult:
 
     @property
     def probabilities(self) -> np.ndarray:
-        return np.exp(-np.logaddexp(0.0, -self.logits)).astype(np.float32)  # stable sigmoid
+        return probabilities(self.logits)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """P(real) = sigmoid(logit), computed without overflow for large |logit|."""
+    return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)
 
 
 class InferenceService:

@@ -15,7 +15,7 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from serving import codec
 from serving.errors import ResourceExhausted, ServiceError
 from serving.metrics import ServingMetrics
-from serving.service import Call, InferenceService, SampleResult
+from serving.service import Call, InferenceService, SampleResult, probabilities
 from serving.store import FAILED, READY, ModelEntry
 
 VERSION_STATES = {READY: pb.VERSION_STATE_READY, FAILED: pb.VERSION_STATE_FAILED}
@@ -66,7 +66,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         codec.encode_samples(response, result.samples, encoding)
         if result.logits is not None:
             response.logits.extend(result.logits.tolist())
-            response.scores.extend(np.exp(-np.logaddexp(0.0, -result.logits)).tolist())
+            response.scores.extend(probabilities(result.logits).tolist())
         return response
 
     def _check_size(self, loaded, count: int, encoding: int, hint: str) -> None:

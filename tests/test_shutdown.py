@@ -57,3 +57,27 @@ def test_bad_startup_flags_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "serving.server", "--max-batch-size", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "max_batch_size = 0 must be >= 1" in done.stderr
+
+
+def test_sighup_rescans_the_repository(tiny_run, tmp_path):
+    from dcgan_core.repository import Repository
+    from training.export import export_run
+
+    repository = Repository(tmp_path / "repo")
+    export_run(tiny_run, repository, "tiny")
+    proc, port = _start(repository.root, "--poll-s", "0")
+    try:
+        with InferenceClient(f"127.0.0.1:{port}") as client:
+            assert client.sample(1, seed=1).version == 1
+            export_run(tiny_run, repository, "tiny")
+            time.sleep(0.5)
+            assert client.sample(1, seed=1).version == 1  # no polling: nothing changes by itself
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while client.sample(1, seed=1).version != 2:
+                assert time.monotonic() < deadline, "SIGHUP did not load version 2"
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
