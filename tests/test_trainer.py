@@ -16,10 +16,11 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("loss, d_steps", [("nonsaturating", 1), ("wgan-gp", 2)])
-def test_resume_equals_straight_run(tmp_path, loss, d_steps):
+@pytest.mark.parametrize("loss, d_steps, decay", [("nonsaturating", 1, "none"), ("wgan-gp", 2, "none"),
+                                                  ("hinge", 1, "linear")])
+def test_resume_equals_straight_run(tmp_path, loss, d_steps, decay):
     """N steps, a new process-like Trainer on the same directory, M steps == N+M straight."""
-    sections = {"loss": {"name": loss}, "optim": {"d_steps": d_steps}}
+    sections = {"loss": {"name": loss}, "optim": {"d_steps": d_steps, "lr_decay": decay}}
     straight = Trainer(tiny_config(tmp_path / "straight", run={"max_steps": 11}, **sections))
     straight.train()
     first = Trainer(tiny_config(tmp_path / "resumed", run={"max_steps": 5}, **sections))
@@ -33,6 +34,15 @@ def test_resume_equals_straight_run(tmp_path, loss, d_steps):
         assert torch.equal(a[key], b[key]), key
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 12))
+
+
+def test_linear_decay_reaches_zero_at_the_last_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, optim={"lr_decay": "linear", "lr_g": 1e-3, "lr_d": 4e-3}))
+    total = trainer.total_steps
+    trainer.train()
+    # the last update used 1/total of each base rate
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 / total)
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(4e-3 / total)
 
 
 def test_run_directory_outputs(tmp_path):

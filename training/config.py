@@ -12,6 +12,7 @@ from typing import Any
 TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
 IMAGE_SIZES = (28, 32, 64)
+LR_DECAYS = ("none", "linear")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,7 @@ class OptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     d_steps: int = 1  # discriminator steps (batches) per generator step
+    lr_decay: str = "none"  # none | linear: both rates fall linearly to 0 at the last step
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TrainConfig:
                            ("run.sample_count", r.sample_count)]:
             _check(value >= 1, key, value, "an integer >= 1")
         _check(o.lr_g > 0 and o.lr_d > 0, "optim.lr_g/lr_d", (o.lr_g, o.lr_d), "positive")
+        _check(o.lr_decay in LR_DECAYS, "optim.lr_decay", o.lr_decay, f"one of {', '.join(LR_DECAYS)}")
         _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", (o.beta1, o.beta2), "in [0, 1)")
         from training.losses import LOSSES
 

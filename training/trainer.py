@@ -146,6 +146,7 @@ class Trainer:
                 self.D, real, fake.detach().to(real.dtype), self.noise)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        self._set_lr(self.opt_d, self.config.optim.lr_d)
         self.opt_d.step()
         if update_g:
             self._generator_step(fake)
@@ -163,11 +164,22 @@ class Trainer:
             loss_g = self.loss.g_loss(self.D(fake).float())
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        self._set_lr(self.opt_g, self.config.optim.lr_g)
         self.opt_g.step()
         self.D.requires_grad_(True)
         self.g_steps += 1
         self.last_loss_g = loss_g.item()
         self._update_ema()
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+        """Apply the decay schedule. A pure function of the step (no scheduler state), so a
+        resumed run follows exactly the schedule of an uninterrupted one. The length is the
+        configured epochs (``run.max_steps`` only stops a run early)."""
+        scale = 1.0
+        if self.config.optim.lr_decay == "linear":
+            scale = max(0.0, 1.0 - self.step / (self.config.run.epochs * self.steps_per_epoch))
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * scale
 
     @torch.no_grad()
     def _update_ema(self) -> None:
