@@ -66,7 +66,10 @@ def main() -> None:
     for name, values in rates.items():
         print(f"{name:>10}: median {median(values):8.1f} img/s  (repeats: {', '.join(f'{v:.0f}' for v in values)})")
     print(f"ratio project/reference: {ratio:.3f} (target >= 1.0)")
-    save("train_throughput_cpu", {"config": "mnist preset (28x28, ngf 64, ndf 64, batch 128)",
+    m, o = config.model, config.optim
+    label = (f"mnist preset: 28x28, ngf {m.ngf}, ndf {m.ndf}, spectral_norm {m.spectral_norm}, "
+             f"batch {o.batch_size}, loss {config.loss.name}, EMA {config.run.ema_decay}")
+    save("train_throughput_cpu", {"config": label,
                                   "steps_per_repeat": args.steps, "repeats": args.repeats,
                                   "images_per_second": rates,
                                   "median_images_per_second": {k: median(v) for k, v in rates.items()},
