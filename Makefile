@@ -36,6 +36,8 @@ train-ring: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py --data-dir $(MNIST)
+	$(PY) bench/serve_throughput.py --repository exported
+	$(PY) bench/quality.py --data-dir $(MNIST) --epochs 5
 
 clean:
 	rm -rf $(VENV) protos/dcgan/v1/*_pb2*.py* .pytest_cache
