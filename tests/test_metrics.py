@@ -98,3 +98,34 @@ def test_eval_cli_toy_and_errors(tiny_toy_run, tmp_path, capsys):
     assert "unknown metric 'fid'" in capsys.readouterr().err
     with pytest.raises(EvalError, match="no checkpoint.pt and no PNG files"):
         load_samples(tmp_path, 10, 0)
+
+
+def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, quick_classifier_cache):
+    from dcgan_core.repository import Repository
+    from tests.conftest import tiny_config
+    from training import checkpoint
+    from training.export import ExportOptions, export_run
+    from training.trainer import Trainer
+
+    evaluated = Trainer(tiny_config(tmp_path / "eval", data={"path": str(mnist_dir)},
+                                    run={"eval_every": 1, "eval_samples": 200}))
+    evaluated.train()
+    plain = Trainer(tiny_config(tmp_path / "plain"))
+    plain.train()
+    for key, value in plain.G.state_dict().items():  # evaluating takes no training randomness
+        assert torch.equal(value, evaluated.G.state_dict()[key]), key
+    records = [json.loads(line) for line in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[0]["best"]
+    best = min(records, key=lambda r: r["fd"])
+    state = checkpoint.load(tmp_path / "eval" / checkpoint.BEST_NAME)
+    assert state["step"] == best["step"] and state["best_fd"] == pytest.approx(best["fd"])
+    manifest = export_run(tmp_path / "eval", Repository(tmp_path / "repo"), "tiny",
+                          options=ExportOptions(checkpoint_name=checkpoint.BEST_NAME))
+    assert manifest.training["checkpoint"] == "best.pt" and manifest.training["step"] == best["step"]
+
+
+def test_in_training_evaluation_needs_mnist_shaped_images():
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"run.eval_every = 1 is invalid: expected 0 unless the images are 1x28x28"):
+        load_config("ring", overrides=[{"run": {"eval_every": 1}}])

@@ -69,6 +69,8 @@ class RunConfig:
     checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end)
     sample_count: int = 64  # fixed-noise samples in each epoch's grid
     progress: bool = True
+    eval_every: int = 0  # epochs between FD evaluations (1x28x28 images only); the best is kept as best.pt
+    eval_samples: int = 2000  # samples per in-training evaluation
 
 
 @dataclass
@@ -112,6 +114,10 @@ class TrainConfig:
         _check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", l.label_smoothing, "in [0, 0.5)")
         _check(0 <= r.ema_decay < 1, "run.ema_decay", r.ema_decay, "in [0, 1)")
         _check(r.max_steps >= 0, "run.max_steps", r.max_steps, ">= 0")
+        _check(r.eval_every >= 0, "run.eval_every", r.eval_every, ">= 0")
+        _check(r.eval_samples >= 100, "run.eval_samples", r.eval_samples, ">= 100")
+        _check(r.eval_every == 0 or (self.kind == "dcgan" and (d.channels, d.image_size) == (1, 28)),
+               "run.eval_every", r.eval_every, "0 unless the images are 1x28x28 (the metrics' MNIST classifier)")
         _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
         return self
 
@@ -123,7 +129,8 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 #: Settings that may change when a run resumes; everything else must match the checkpoint.
 RESUMABLE_KEYS = frozenset({"data.path", "data.download", "run.run_dir", "run.epochs",
-                            "run.max_steps", "run.device", "run.checkpoint_every", "run.progress"})
+                            "run.max_steps", "run.device", "run.checkpoint_every", "run.progress",
+                            "run.eval_every", "run.eval_samples"})
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The recipe of the committed default model: the DCGAN architecture with a spectral-norm D

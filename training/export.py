@@ -42,6 +42,7 @@ class ExportError(RuntimeError):
 @dataclass(frozen=True)
 class ExportOptions:
     use_ema: bool = True
+    checkpoint_name: str = checkpoint.CHECKPOINT_NAME  # or checkpoint.BEST_NAME: the best evaluated epoch
     rtol: float = 1e-3
     atol: float = 1e-5
 
@@ -55,9 +56,9 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(run_dir: Path, use_ema: bool = True) -> LoadedRun:
+def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpoint.CHECKPOINT_NAME) -> LoadedRun:
     """The networks of a run's checkpoint on CPU, in eval mode."""
-    state = checkpoint.load(Path(run_dir) / checkpoint.CHECKPOINT_NAME)
+    state = checkpoint.load(Path(run_dir) / checkpoint_name)
     config = from_dict(state["config"])
     generator, discriminator = build_models(config)
     discriminator.load_state_dict(state["discriminator"])
@@ -120,7 +121,7 @@ def _opset(path: Path) -> int:
 def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[str, Any] | None = None,
                options: ExportOptions = ExportOptions()) -> Manifest:
     """Export, verify and publish a run as the next version of ``name``."""
-    run = load_run(run_dir, options.use_ema)
+    run = load_run(run_dir, options.use_ema, options.checkpoint_name)
     config = run.config
     sample_shape = [2] if config.kind == "toy2d" else [config.data.channels, config.data.image_size,
                                                        config.data.image_size]
@@ -144,7 +145,8 @@ def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[s
             discriminator=spec(DISCRIMINATOR_FILE, "samples", "logits", sample_shape, []),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source_run=str(Path(run_dir).resolve()),
-            training={"config": config.to_dict(), "step": run.step, "generator_weights":
+            training={"config": config.to_dict(), "step": run.step, "checkpoint": options.checkpoint_name,
+                      "generator_weights":
                       "ema" if options.use_ema and config.run.ema_decay > 0 else "raw",
                       "parity": {**parity, "rtol": options.rtol, "atol": options.atol}},
             metrics=metrics or {})

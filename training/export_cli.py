@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dcgan_core.repository import Repository, RepositoryError
-from training.checkpoint import CheckpointError
+from training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError
 from training.export import ExportError, ExportOptions, export_run
 
 
@@ -24,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=Path("exported"), help="model repository root")
     parser.add_argument("--name", required=True, help="model name in the repository, e.g. mnist-dcgan")
     parser.add_argument("--raw-generator", action="store_true", help="export G's raw weights instead of the EMA")
+    parser.add_argument("--best", action="store_true",
+                        help="export best.pt (the epoch with the lowest in-training FD, run.eval_every) "
+                             "instead of the last checkpoint")
     parser.add_argument("--metrics", type=Path, help="JSON file of evaluation results to put in the manifest")
     parser.add_argument("--rtol", type=float, default=1e-3)
     parser.add_argument("--atol", type=float, default=1e-5)
     args = parser.parse_args(argv)
     try:
         metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-        options = ExportOptions(use_ema=not args.raw_generator, rtol=args.rtol, atol=args.atol)
+        options = ExportOptions(use_ema=not args.raw_generator, rtol=args.rtol, atol=args.atol,
+                                checkpoint_name=BEST_NAME if args.best else CHECKPOINT_NAME)
         manifest = export_run(args.run_dir, Repository(args.repository), args.name, metrics, options)
     except ExportError as exc:
         print(f"dcgan-export: refused to publish: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ step, which is why N steps + restart + M steps equals N+M steps on CPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import copy
 import logging
 import math
@@ -78,6 +79,8 @@ class Trainer:
         self.step = 0
         self.g_steps = 0
         self.last_loss_g = float("nan")
+        self.best_fd = math.inf  # lowest FD of the in-training evaluations so far
+        self._reference = None  # metrics.ImageReference, loaded at the first evaluation
         self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
         self.metrics: reporting.MetricsLog | None = None  # open only inside train()
         if self.checkpoint_path.exists():
@@ -91,6 +94,7 @@ class Trainer:
             "step": self.step,
             "g_steps": self.g_steps,
             "last_loss_g": self.last_loss_g,
+            "best_fd": self.best_fd,
             "steps_per_epoch": self.steps_per_epoch,
             "generator": self.G.state_dict(),
             "discriminator": self.D.state_dict(),
@@ -122,6 +126,7 @@ class Trainer:
         self.noise.set_state(state["noise_rng"].cpu() if not self.cuda else state["noise_rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.step, self.g_steps, self.last_loss_g = state["step"], state["g_steps"], state["last_loss_g"]
+        self.best_fd = state.get("best_fd", math.inf)
         log.info("resumed %s at step %d", self.checkpoint_path, self.step)
 
     # ------------------------------------------------------------------ one step
@@ -246,11 +251,37 @@ class Trainer:
                 f"Restarting resumes from it: lower optim.lr_d/lr_g or change loss.name first.")
 
     def end_of_epoch(self, epoch: int) -> None:
-        """Sample grid from the fixed noise, curves, checkpoint."""
+        """Sample grid from the fixed noise, curves, an evaluation when one is due, checkpoint."""
         self.metrics.flush()
         self.save_samples(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
         reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
+        every = self.config.run.eval_every
+        scores = self.evaluate() if every and (epoch + 1) % every == 0 else None
+        improved = scores is not None and scores["fd"] < self.best_fd
+        if improved:
+            self.best_fd = scores["fd"]
         self.save_checkpoint()
+        if improved:  # written after checkpoint.pt, so a crash in between loses no progress
+            checkpoint.save(self.run_dir / checkpoint.BEST_NAME, self.state())
+        if scores is not None:
+            record = {"epoch": epoch + 1, "step": self.step, **scores, "best": improved}
+            with open(self.run_dir / "eval.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info("epoch %d: fd %.3f is %.3f coverage %.3f..%.3f%s", epoch + 1, scores["fd"], scores["is"],
+                     scores["coverage_min"], scores["coverage_max"], " (best so far: best.pt)" if improved else "")
+
+    def evaluate(self) -> dict[str, float]:
+        """FD, IS and class coverage of ``run.eval_samples`` samples from fixed latents, so that
+        epochs compare; an operator keeps the epoch with the lowest FD (GANs do not improve
+        monotonically). Uses no training RNG: a run with evaluations trains exactly as one without."""
+        from training import metrics  # the classifier is only needed here
+
+        if self._reference is None:
+            self._reference = metrics.ImageReference.load(Path(self.config.data.path),
+                                                          progress=self.config.run.progress)
+        z = latents(self.config.run.seed, self.config.run.eval_samples, self.config.model.latent_size)
+        result = metrics.evaluate_images(self.generate(torch.from_numpy(z).to(self.device)), self._reference)
+        return {key: float(result[key]) for key in ("fd", "is", "coverage_min", "coverage_max")}
 
     def sampling_generator(self) -> nn.Module:
         """The generator to sample and export: EMA weights with their own BatchNorm statistics."""
