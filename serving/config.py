@@ -28,7 +28,7 @@ class ServeConfig:
     max_message_mb: int = 64  # gRPC send/receive limit
     stream_chunk_size: int = 256  # SampleStream default chunk
     grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
-    threads: int = 64  # gRPC handler threads
+    max_concurrent_rpcs: int = 0  # calls in progress at once; more get RESOURCE_EXHAUSTED (0: no limit)
     ort_threads: int = 0  # onnxruntime intra-op threads per session (0: onnxruntime's default)
     metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
     version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
@@ -44,13 +44,13 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         for key in ("port", "max_batch_size", "max_queue", "max_count", "max_score_images",
-                    "max_message_mb", "stream_chunk_size", "threads"):
+                    "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
-        if self.max_queue_delay_ms < 0 or self.grace_s < 0 or self.poll_s < 0:
-            raise ServeConfigError("max_queue_delay_ms, grace_s and poll_s must be >= 0")
+        if min(self.max_queue_delay_ms, self.grace_s, self.poll_s, self.max_concurrent_rpcs) < 0:
+            raise ServeConfigError("max_queue_delay_ms, grace_s, poll_s and max_concurrent_rpcs must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ServeConfigError("tls_cert and tls_key go together")
         if self.auth_token_file and not self.tls_cert:

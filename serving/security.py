@@ -31,26 +31,26 @@ def channel(target: str, options: list, ca: str | None = None, token: str | None
     return grpc.secure_channel(target, credentials, options=options)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls (other than health checks) whose bearer token is missing or wrong."""
 
     def __init__(self, token: str):
         self._token = token.encode()
 
-        def deny(request, context: grpc.ServicerContext):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
+        async def deny(request, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
                           "(send metadata 'authorization: Bearer <token>')")
 
         self._deny = {kind: handler(deny) for kind, handler in [
             ("unary_unary", grpc.unary_unary_rpc_method_handler),
             ("unary_stream", grpc.unary_stream_rpc_method_handler)]}
 
-    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if details.method.startswith(HEALTH_PREFIX):
-            return continuation(details)
+            return await continuation(details)
         scheme, _, supplied = dict(details.invocation_metadata or ()).get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(supplied.encode(), self._token):
-            return continuation(details)
-        handler = continuation(details)
+            return await continuation(details)
+        handler = await continuation(details)
         streaming = handler is not None and handler.response_streaming
         return self._deny["unary_stream" if streaming else "unary_unary"]

@@ -3,17 +3,22 @@
 Serves dcgan.v1.Inference, grpc.health.v1.Health (overall "" and one entry per model name) and
 server reflection. SIGTERM/SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight
 calls get ``grace_s`` to finish, then the process exits 0.
+
+The gRPC server is grpc.aio on an event loop in its own thread; ``InferenceServer`` keeps a
+plain blocking start/stop interface, so the CLI, tests and embedding code need no asyncio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,29 +49,51 @@ class InferenceServer:
         self.store = ModelStore(Repository(config.repository), config, self.metrics)
         self.store.load()
         self.service = InferenceService(self.store, config)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._build())
+        except BaseException:
+            self._close_loop()
+            raise
+        self._stopped = threading.Event()
+        self.metrics_port: int | None = None
+        self.watcher = RepositoryWatcher(self.store, config.poll_s, self.update_health) if config.poll_s else None
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` on the server's loop and wait for it (never call from the loop)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _build(self) -> int:
+        """Create the aio server on its loop, register the services, bind; returns the port."""
+        config = self.config
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
         interceptors = []
         if config.auth_token_file:
             interceptors.append(BearerTokenInterceptor(Path(config.auth_token_file).read_text().strip()))
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=config.threads), options=options,
-                                  interceptors=interceptors)
+        self.server = grpc.aio.server(options=options, interceptors=interceptors,
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
                                                 self.server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
-            self.port = self.server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
+            port = self.server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
         else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
-        self._stopped = threading.Event()
-        self.metrics_port: int | None = None
-        self.watcher = RepositoryWatcher(self.store, config.poll_s, self.update_health) if config.poll_s else None
+        return port
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
 
     def reload(self) -> None:
         """Rescan the repository now (ReloadModels RPC, SIGHUP)."""
@@ -74,7 +101,7 @@ class InferenceServer:
         self.update_health()
 
     def start(self) -> "InferenceServer":
-        self.server.start()
+        self._on_loop(self.server.start())
         self.update_health()
         if self.watcher:
             self.watcher.start()
@@ -85,15 +112,18 @@ class InferenceServer:
         return self
 
     def update_health(self) -> None:
+        """Health per model and overall, from the store (called from threads, never the loop)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        any_ready = False
-        for name, entry in self.store.models().items():
-            ready = bool(entry.ready())
-            any_ready |= ready
-            self.health.set(name, serving if ready else not_serving)
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, serving if any_ready else not_serving)
+        statuses = {name: serving if entry.ready() else not_serving for name, entry in self.store.models().items()}
+        overall = serving if serving in statuses.values() else not_serving
+        statuses.update({"": overall, SERVICE_NAME: overall})
+
+        async def publish() -> None:
+            for name, status in statuses.items():
+                await self.health.set(name, status)
+
+        self._on_loop(publish())
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
@@ -103,10 +133,11 @@ class InferenceServer:
         log.info("shutting down: draining in-flight calls for up to %.1fs", self.config.grace_s)
         if self.watcher:
             self.watcher.stop()
-        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while we drain
+        self._on_loop(self.health.enter_graceful_shutdown())  # probes see NOT_SERVING while we drain
         if not self.service.drain(self.config.grace_s if grace is None else grace):
             log.warning("grace period over: aborting calls still in flight")
-        self.server.stop(0).wait()
+        self._on_loop(self.server.stop(0))
+        self._close_loop()
         self.store.close()
         log.info("stopped")
 
@@ -126,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run every request alone")
     parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
     parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
+    parser.add_argument("--max-concurrent-rpcs", type=int,
+                        help="calls in progress at once, more get RESOURCE_EXHAUSTED (default: 0, no limit)")
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")

@@ -1,17 +1,19 @@
 """The inference service's domain logic, free of gRPC: validate, batch, run, return numpy.
 
 Inputs and outputs are model-range float32 arrays (dcgan_core.images); the servicer converts
-to and from the wire encodings.
+to and from the wire encodings. ``sample`` and ``score`` are coroutines: a call waits for its
+batch without holding a thread, so one event loop serves every connection (threads cost a GIL
+hand-off per call, which dominated the cost of small requests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,17 +93,16 @@ class InferenceService:
             self.shutting_down = True
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
-    def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
+    async def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
         try:
             future = batcher.submit(inputs, call.deadline, call.is_active)
         except QueueFull as exc:
             raise ResourceExhausted(str(exc)) from exc
         except Stopped as exc:
             raise Unavailable(str(exc)) from exc
-        try:
-            return future.result(timeout=call.remaining())
-        except FutureTimeout:
-            future.cancel()
+        try:  # a cancelled wait (timeout, caller gone) cancels the queued request too
+            return await asyncio.wait_for(asyncio.wrap_future(future), call.remaining())
+        except TimeoutError:
             raise DeadlineExceeded("deadline exceeded while waiting for the model") from None
         except Expired as exc:
             raise DeadlineExceeded(str(exc)) from exc
@@ -140,10 +141,10 @@ class InferenceService:
         if not 1 <= count <= self.config.max_count:
             raise InvalidArgument(f"count must be in 1..{self.config.max_count}, got {count}")
 
-    def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
-               call: Call) -> SampleResult:
-        samples = self._run(loaded.generator, z, call)
-        logits = self._run(loaded.discriminator, samples, call) if include_scores else None
+    async def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
+                     call: Call) -> SampleResult:
+        samples = await self._run(loaded.generator, z, call)
+        logits = await self._run(loaded.discriminator, samples, call) if include_scores else None
         return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits)
 
     # ------------------------------------------------------------------ scoring
@@ -167,9 +168,9 @@ class InferenceService:
                 raise InvalidArgument(f"image {bad} has float32 values outside the model range "
                                       f"[{low}, {high}] (send uint8 0..255, or scale to [-1, 1])")
 
-    def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call) -> ScoreResult:
+    async def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call) -> ScoreResult:
         self.check_score_inputs(loaded.manifest, inputs)
-        logits = self._run(loaded.discriminator, inputs.astype(np.float32, copy=False), call)
+        logits = await self._run(loaded.discriminator, inputs.astype(np.float32, copy=False), call)
         return ScoreResult(loaded.manifest, loaded.provider, logits)
 
     def chunks(self, count: int, chunk_size: int) -> list[tuple[int, int]]:

@@ -1,11 +1,18 @@
-"""The gRPC servicer: translates protobuf requests to InferenceService calls and back."""
+"""The gRPC servicer (grpc.aio): translates protobuf requests to InferenceService calls and back.
+
+Handlers run on the server's event loop and must not block it: waiting for the model is awaited,
+and the work that takes milliseconds per call (PNG encoding and decoding, reloading models) runs
+in a worker thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -25,25 +32,30 @@ BYTES_PER_VALUE = {pb.ENCODING_RAW_FLOAT32: 4, pb.ENCODING_RAW_UINT8: 1, pb.ENCO
 NO_DEADLINE_S = 10**7  # grpc reports "no deadline" as an enormous time_remaining()
 
 
-def call_of(context: grpc.ServicerContext) -> Call:
+def call_of(context: grpc.aio.ServicerContext) -> Call:
     remaining = context.time_remaining()
     deadline = None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
-    return Call(deadline, context.is_active)
+    ended = threading.Event()  # read by the batcher's thread: set once the RPC is over (e.g. cancelled)
+    context.add_done_callback(lambda _: ended.set())
+    return Call(deadline, lambda: not ended.is_set())
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, service: InferenceService, metrics: ServingMetrics, reload=lambda: None):
         self.service, self.metrics, self.reload = service, metrics, reload
 
-    @contextlib.contextmanager
-    def _rpc(self, method: str, model: str, context: grpc.ServicerContext) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Count and time the call; a ServiceError becomes the gRPC status it names."""
         start, code = time.perf_counter(), "OK"
         try:
             yield
         except ServiceError as exc:
             code = exc.code
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception:
             code = "INTERNAL"
             raise
@@ -75,33 +87,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ResourceExhausted(f"a response of {count} samples is about {size} bytes, over the "
                                     f"{self.service.config.max_message_mb} MiB message limit; {hint}")
 
-    def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleResponse:
-        with (self._rpc("Sample", request.model, context), self.service.admitted(),
-              self.service.use(request.model, request.version) as loaded):
-            encoding, z, seed = self._prepare_sample(request, loaded)
-            self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
-            result = self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
-            return self._response(result, encoding, 0)
+    async def _encoded(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
+        if encoding == pb.ENCODING_PNG:
+            return await asyncio.to_thread(self._response, result, encoding, offset)
+        return self._response(result, encoding, offset)
 
-    def SampleStream(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleResponse]:
-        with (self._rpc("SampleStream", request.model, context), self.service.admitted(),
-              self.service.use(request.model, request.version) as loaded):
-            encoding, z, seed = self._prepare_sample(request, loaded)
-            chunks = self.service.chunks(len(z), request.chunk_size)
-            self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
-            for offset, size in chunks:
-                result = self.service.sample(loaded, z[offset : offset + size], seed,
-                                             request.include_scores, call_of(context))
-                yield self._response(result, encoding, offset)
+    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
+        async with self._rpc("Sample", request.model, context):
+            with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
+                encoding, z, seed = self._prepare_sample(request, loaded)
+                self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
+                result = await self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
+                return await self._encoded(result, encoding, 0)
 
-    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with (self._rpc("Score", request.model, context), self.service.admitted(),
-              self.service.use(request.model, request.version) as loaded):
-            inputs = codec.score_inputs(request, loaded.manifest, self.service.config.max_score_images)
-            result = self.service.score(loaded, inputs, call_of(context))
-            return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
-                                    probabilities=result.probabilities.tolist(), logits=result.logits.tolist(),
-                                    provider=result.provider)
+    async def SampleStream(self, request: pb.SampleRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleResponse]:
+        async with self._rpc("SampleStream", request.model, context):
+            with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
+                encoding, z, seed = self._prepare_sample(request, loaded)
+                chunks = self.service.chunks(len(z), request.chunk_size)
+                self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
+                call = call_of(context)
+                for offset, size in chunks:
+                    result = await self.service.sample(loaded, z[offset : offset + size], seed,
+                                                       request.include_scores, call)
+                    yield await self._encoded(result, encoding, offset)
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        async with self._rpc("Score", request.model, context):
+            with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
+                limit = self.service.config.max_score_images
+                if request.images:  # decoding PNG/JPEG takes milliseconds: keep it off the loop
+                    inputs = await asyncio.to_thread(codec.score_inputs, request, loaded.manifest, limit)
+                else:
+                    inputs = codec.score_inputs(request, loaded.manifest, limit)
+                result = await self.service.score(loaded, inputs, call_of(context))
+                return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
+                                        probabilities=result.probabilities.tolist(),
+                                        logits=result.logits.tolist(), provider=result.provider)
 
     def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
         info = pb.ModelInfo(name=entry.name)
@@ -123,16 +146,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     info.kind, info.latent_size = data["kind"], data["latent_size"]
         return info
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return self._list_models()
+
+    def _list_models(self) -> pb.ListModelsResponse:
         store = self.service.store
         return pb.ListModelsResponse(models=[self._model_info(e) for _, e in sorted(store.models().items())],
                                      default_model=store.default_model)
 
-    def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        with self._rpc("ReloadModels", "", context):
-            self.reload()
-            return self.ListModels(pb.ListModelsRequest(), context)
+    async def ReloadModels(self, request: pb.ReloadModelsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async with self._rpc("ReloadModels", "", context):
+            await asyncio.to_thread(self.reload)  # loading and warming models takes seconds
+            return self._list_models()
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        with self._rpc("GetModel", request.model, context):
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async with self._rpc("GetModel", request.model, context):
             return self._model_info(self.service.store.entry(request.model))
