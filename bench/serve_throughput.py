@@ -5,9 +5,12 @@ Measures, interleaved over repeats (medians reported):
   gRPC Sample(count=1/64/256, raw uint8) from one client;
   64 concurrent clients asking for 1 image each, against a server with batching on and one off;
   gRPC Score of 64 raw uint8 images.
-Servers run as real `dcgan-serve` processes on localhost. Results: bench/results/serve_<device>.json
+Servers run as real `dcgan-serve` processes on localhost. Raw onnxruntime always runs with its
+default thread count (the strongest baseline); ``--ort-threads N`` sets the servers' intra-op
+threads. Results: bench/results/serve_<device>[_ort<N>].json
 
     .venv/bin/python bench/serve_throughput.py --repository exported --model mnist-dcgan
+    .venv/bin/python bench/serve_throughput.py --ort-threads 1
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--ort-threads", type=int, default=0, help="servers' onnxruntime intra-op threads")
     args = parser.parse_args()
+    server_args = ["--ort-threads", str(args.ort_threads)]
 
     repository = Repository(args.repository)
     version = max(repository.versions(args.model))
@@ -104,8 +109,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     digits = rng.integers(0, 256, (64, *manifest.sample_shape), dtype=np.uint8)
 
-    batching_on, target_on = start_server(args.repository, args.device, [])
-    batching_off, target_off = start_server(args.repository, args.device, ["--no-batching"])
+    batching_on, target_on = start_server(args.repository, args.device, server_args)
+    batching_off, target_off = start_server(args.repository, args.device, [*server_args, "--no-batching"])
     channel = grpc.insecure_channel(target_on, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = pb_grpc.InferenceStub(channel)
     single = pb.SampleRequest(model=args.model, count=1, seed=1, encoding=pb.ENCODING_RAW_UINT8)
@@ -161,8 +166,10 @@ def main() -> None:
     print()
     for name, (value, target) in ratios.items():
         print(f"{name:<32} {value:6.3f}  (target >= {target}) {'ok' if value >= target else 'BELOW TARGET'}")
-    save(f"serve_{g.provider.replace('ExecutionProvider', '').lower()}", {
+    suffix = f"_ort{args.ort_threads}" if args.ort_threads else ""
+    save(f"serve_{g.provider.replace('ExecutionProvider', '').lower()}{suffix}", {
         "model": f"{args.model} v{version}", "provider": g.provider, "clients": args.clients,
+        "server_ort_threads": args.ort_threads,
         "seconds_per_measurement": args.seconds, "repeats": args.repeats, "table": table,
         "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()}})
 

@@ -29,7 +29,8 @@ class ServeConfig:
     stream_chunk_size: int = 256  # SampleStream default chunk
     grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     max_concurrent_rpcs: int = 0  # calls in progress at once; more get RESOURCE_EXHAUSTED (0: no limit)
-    ort_threads: int = 0  # onnxruntime intra-op threads per session (0: onnxruntime's default)
+    batch_workers: int = 0  # threads running batches per network (0: one per CPU core; 1 on CUDA)
+    ort_threads: int = 0  # onnxruntime intra-op threads per session (0: 1 with several workers, else its default)
     metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
     version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
     version_policies: dict = field(default_factory=dict)  # per model name, overrides version_policy
@@ -49,8 +50,11 @@ class ServeConfig:
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
-        if min(self.max_queue_delay_ms, self.grace_s, self.poll_s, self.max_concurrent_rpcs) < 0:
-            raise ServeConfigError("max_queue_delay_ms, grace_s, poll_s and max_concurrent_rpcs must be >= 0")
+        non_negative = ("max_queue_delay_ms", "grace_s", "poll_s", "max_concurrent_rpcs", "ort_threads",
+                        "batch_workers")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ServeConfigError("tls_cert and tls_key go together")
         if self.auth_token_file and not self.tls_cert:

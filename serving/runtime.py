@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,19 @@ def providers_for(device: str) -> list[str]:
         raise RuntimeUnavailable("device 'cuda' requested but onnxruntime's CUDA provider or the "
                                  "NVIDIA driver is not available on this machine")
     return [CUDA, CPU]
+
+
+def execution_plan(device: str, workers: int = 0, threads: int = 0) -> tuple[int, int]:
+    """(batch workers, onnxruntime intra-op threads per session) for one network; 0 = automatic.
+
+    On CPU: one single-threaded worker per core. Runs side by side beat one run spread over the
+    cores (2 cores, generator at batch 64: 9.6k vs 6.8k images/s), and single-threaded sessions
+    do not spin-wait on cores that the gRPC event loop needs. On CUDA one worker feeds the GPU.
+    """
+    cuda = providers_for(device)[0] == CUDA
+    workers = workers or (1 if cuda else len(os.sched_getaffinity(0)))
+    threads = threads or (1 if workers > 1 and not cuda else 0)
+    return workers, threads
 
 
 class OnnxNetwork:

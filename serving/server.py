@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run every request alone")
     parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
     parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
+    parser.add_argument("--batch-workers", type=int,
+                        help="threads running batches per network (default: 0 = one per CPU core, 1 on CUDA)")
+    parser.add_argument("--ort-threads", type=int,
+                        help="onnxruntime intra-op threads per session (default: 0 = 1 with several "
+                             "workers, else onnxruntime's choice)")
     parser.add_argument("--max-concurrent-rpcs", type=int,
                         help="calls in progress at once, more get RESOURCE_EXHAUSTED (default: 0, no limit)")
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")

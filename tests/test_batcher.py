@@ -140,3 +140,66 @@ def test_many_threads_each_get_their_own_rows():
     batcher.stop()
     for i, result in results.items():
         assert result.shape == (1 + i % 3, 2) and np.all(result == i + 0.5)
+
+
+def test_a_large_request_is_cut_into_one_piece_per_worker_and_joined_in_order():
+    seen: list[tuple[int, str]] = []
+    both_running = threading.Barrier(2, timeout=5)  # passes only if the two pieces run at once
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        seen.append((len(batch), threading.current_thread().name))
+        both_running.wait()
+        return batch * 2
+
+    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, workers=2, min_piece=16)
+    inputs = np.arange(100, dtype=np.float32).reshape(50, 2)
+    result = batcher.submit(inputs).result(5)
+    batcher.stop()
+    np.testing.assert_array_equal(result, inputs * 2)
+    assert sorted(size for size, _ in seen) == [25, 25]
+    assert len({name for _, name in seen}) == 2
+
+
+def test_small_requests_are_not_cut_and_several_workers_keep_results_apart():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay_s=0.001, workers=3, min_piece=16)
+    results: dict[int, np.ndarray] = {}
+
+    def client(i: int) -> None:
+        results[i] = batcher.submit(np.full((1 + i % 20, 2), i, np.float32)).result(10)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.stop()
+    for i, result in results.items():
+        assert result.shape == (1 + i % 20, 2) and np.all(result == 2 * i)
+    assert sum(run.sizes) == sum(1 + i % 20 for i in range(60))
+
+
+def test_a_failing_piece_fails_the_whole_request_and_cancelling_drops_queued_pieces():
+    def run(batch: np.ndarray) -> np.ndarray:
+        if batch[0, 0] >= 0:
+            raise RuntimeError("piece failed")
+        return batch
+
+    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, workers=2, min_piece=4)
+    inputs = np.concatenate([-np.ones((4, 1)), np.ones((4, 1))]).astype(np.float32)
+    with pytest.raises(RuntimeError, match="piece failed"):
+        batcher.submit(inputs).result(5)
+    batcher.stop()
+
+    gated = Recorder()
+    gated.gate.clear()
+    batcher = DynamicBatcher(gated, max_batch_size=1, max_queue_delay_s=0, workers=1, min_piece=4)
+    blocker = batcher.submit(np.zeros((1, 1), np.float32))
+    time.sleep(0.05)
+    batcher.workers = 2  # cut the next request in two, though one worker runs them
+    split = batcher.submit(np.zeros((8, 1), np.float32))
+    assert split.cancel()
+    gated.gate.set()
+    blocker.result(5)
+    batcher.stop()
+    assert gated.sizes == [1]  # neither piece of the cancelled request ran
