@@ -203,3 +203,17 @@ def test_a_failing_piece_fails_the_whole_request_and_cancelling_drops_queued_pie
     blocker.result(5)
     batcher.stop()
     assert gated.sizes == [1]  # neither piece of the cancelled request ran
+
+
+def test_execution_plan_and_its_settings():
+    import os
+
+    from serving.config import ServeConfigError, load_serve_config
+    from serving.runtime import execution_plan
+
+    cores = len(os.sched_getaffinity(0))
+    assert execution_plan("cpu") == (cores, 1 if cores > 1 else 0)  # single-threaded workers, one per core
+    assert execution_plan("cpu", workers=1) == (1, 0)  # one worker: onnxruntime spreads it over the cores
+    assert execution_plan("cpu", workers=3, threads=2) == (3, 2)  # explicit settings win
+    with pytest.raises(ServeConfigError, match="batch_workers = -1 must be >= 0"):
+        load_serve_config(None, {"batch_workers": -1})
