@@ -46,13 +46,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count and time the call; a ServiceError becomes the gRPC status it names."""
-        start, code = time.perf_counter(), "OK"
+        """Count and time the call; a ServiceError becomes the gRPC status it names.
+
+        The call is counted before the status goes out, so a client that has its answer can
+        already see it in the metrics.
+        """
+        start, code, error = time.perf_counter(), "OK", None
         try:
             yield
         except ServiceError as exc:
-            code = exc.code
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            code, error = exc.code, exc
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -62,6 +65,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             self.metrics.requests.labels(method, model or self.service.store.default_model, code).inc()
             self.metrics.request_latency.labels(method).observe(time.perf_counter() - start)
+        if error is not None:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
 
     def _prepare_sample(self, request: pb.SampleRequest, loaded):
         encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
