@@ -118,7 +118,7 @@ def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, q
     assert [r["epoch"] for r in records] == [1, 2] and records[0]["best"]
     best = min(records, key=lambda r: r["fd"])
     state = checkpoint.load(tmp_path / "eval" / checkpoint.BEST_NAME)
-    assert state["step"] == best["step"] and state["best_fd"] == pytest.approx(best["fd"])
+    assert state["step"] == best["step"] and state["best_objective"] == pytest.approx(best["fd"])
     manifest = export_run(tmp_path / "eval", Repository(tmp_path / "repo"), "tiny",
                           options=ExportOptions(checkpoint_name=checkpoint.BEST_NAME))
     assert manifest.training["checkpoint"] == "best.pt" and manifest.training["step"] == best["step"]
@@ -127,5 +127,24 @@ def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, q
 def test_in_training_evaluation_needs_mnist_shaped_images():
     from training.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"run.eval_every = 1 is invalid: expected 0 unless the images are 1x28x28"):
-        load_config("ring", overrides=[{"run": {"eval_every": 1}}])
+    with pytest.raises(ConfigError, match=r"run.eval_every = 1 is invalid: expected 0 unless the data is a toy "
+                                          r"or the images are 1x28x28"):
+        load_config("folder", overrides=[{"data": {"path": "photos"}, "run": {"eval_every": 1}}])
+
+
+def test_toy_training_keeps_the_epoch_with_all_modes_and_most_high_quality(tmp_path):
+    from training import checkpoint
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    config = load_config("ring", overrides=[{
+        "data": {"toy_epoch_samples": 2048},
+        "run": {"run_dir": str(tmp_path), "epochs": 3, "eval_every": 1, "eval_samples": 500, "progress": False}}])
+    Trainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:  # objective: missing modes, then the share of low-quality samples
+        assert r["objective"] == pytest.approx(8 - r["modes_covered"] + 1 - r["high_quality"])
+    best = min(records, key=lambda r: r["objective"])
+    assert best["best"]
+    assert checkpoint.load(tmp_path / checkpoint.BEST_NAME)["step"] == best["step"]

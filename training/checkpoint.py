@@ -17,7 +17,7 @@ from dcgan_core.atomic import atomic_write
 from training.config import TrainConfig, differences, from_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"  # the checkpoint with the lowest in-training FD (run.eval_every)
+BEST_NAME = "best.pt"  # the best in-training evaluation (run.eval_every): lowest FD, toys most modes
 FORMAT_VERSION = 1
 
 

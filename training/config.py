@@ -69,7 +69,7 @@ class RunConfig:
     checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end)
     sample_count: int = 64  # fixed-noise samples in each epoch's grid
     progress: bool = True
-    eval_every: int = 0  # epochs between FD evaluations (1x28x28 images only); the best is kept as best.pt
+    eval_every: int = 0  # epochs between evaluations (toys, or 1x28x28 images); the best is kept as best.pt
     eval_samples: int = 2000  # samples per in-training evaluation
 
 
@@ -116,8 +116,9 @@ class TrainConfig:
         _check(r.max_steps >= 0, "run.max_steps", r.max_steps, ">= 0")
         _check(r.eval_every >= 0, "run.eval_every", r.eval_every, ">= 0")
         _check(r.eval_samples >= 100, "run.eval_samples", r.eval_samples, ">= 100")
-        _check(r.eval_every == 0 or (self.kind == "dcgan" and (d.channels, d.image_size) == (1, 28)),
-               "run.eval_every", r.eval_every, "0 unless the images are 1x28x28 (the metrics' MNIST classifier)")
+        _check(r.eval_every == 0 or self.kind == "toy2d" or (d.channels, d.image_size) == (1, 28),
+               "run.eval_every", r.eval_every,
+               "0 unless the data is a toy or the images are 1x28x28 (the metrics' MNIST classifier)")
         _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
         return self
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="model name in the repository, e.g. mnist-dcgan")
     parser.add_argument("--raw-generator", action="store_true", help="export G's raw weights instead of the EMA")
     parser.add_argument("--best", action="store_true",
-                        help="export best.pt (the epoch with the lowest in-training FD, run.eval_every) "
+                        help="export best.pt (the best in-training evaluation, run.eval_every) "
                              "instead of the last checkpoint")
     parser.add_argument("--metrics", type=Path, help="JSON file of evaluation results to put in the manifest")
     parser.add_argument("--rtol", type=float, default=1e-3)

@@ -79,7 +79,7 @@ class Trainer:
         self.step = 0
         self.g_steps = 0
         self.last_loss_g = float("nan")
-        self.best_fd = math.inf  # lowest FD of the in-training evaluations so far
+        self.best_objective = math.inf  # lowest objective of the in-training evaluations so far
         self._reference = None  # metrics.ImageReference, loaded at the first evaluation
         self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
         self.metrics: reporting.MetricsLog | None = None  # open only inside train()
@@ -94,7 +94,7 @@ class Trainer:
             "step": self.step,
             "g_steps": self.g_steps,
             "last_loss_g": self.last_loss_g,
-            "best_fd": self.best_fd,
+            "best_objective": self.best_objective,
             "steps_per_epoch": self.steps_per_epoch,
             "generator": self.G.state_dict(),
             "discriminator": self.D.state_dict(),
@@ -126,7 +126,7 @@ class Trainer:
         self.noise.set_state(state["noise_rng"].cpu() if not self.cuda else state["noise_rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.step, self.g_steps, self.last_loss_g = state["step"], state["g_steps"], state["last_loss_g"]
-        self.best_fd = state.get("best_fd", math.inf)
+        self.best_objective = state.get("best_objective", state.get("best_fd", math.inf))  # best_fd: before toys
         log.info("resumed %s at step %d", self.checkpoint_path, self.step)
 
     # ------------------------------------------------------------------ one step
@@ -257,9 +257,9 @@ class Trainer:
         reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
         every = self.config.run.eval_every
         scores = self.evaluate() if every and (epoch + 1) % every == 0 else None
-        improved = scores is not None and scores["fd"] < self.best_fd
+        improved = scores is not None and scores["objective"] < self.best_objective
         if improved:
-            self.best_fd = scores["fd"]
+            self.best_objective = scores["objective"]
         self.save_checkpoint()
         if improved:  # written after checkpoint.pt, so a crash in between loses no progress
             checkpoint.save(self.run_dir / checkpoint.BEST_NAME, self.state())
@@ -267,21 +267,30 @@ class Trainer:
             record = {"epoch": epoch + 1, "step": self.step, **scores, "best": improved}
             with open(self.run_dir / "eval.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log.info("epoch %d: fd %.3f is %.3f coverage %.3f..%.3f%s", epoch + 1, scores["fd"], scores["is"],
-                     scores["coverage_min"], scores["coverage_max"], " (best so far: best.pt)" if improved else "")
+            log.info("epoch %d: %s%s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+                     " (best so far: best.pt)" if improved else "")
 
     def evaluate(self) -> dict[str, float]:
-        """FD, IS and class coverage of ``run.eval_samples`` samples from fixed latents, so that
-        epochs compare; an operator keeps the epoch with the lowest FD (GANs do not improve
-        monotonically). Uses no training RNG: a run with evaluations trains exactly as one without."""
+        """Metrics of ``run.eval_samples`` samples from fixed latents, so that epochs compare, and
+        the ``objective`` by which the best epoch is kept (GANs do not improve monotonically):
+        FD for images; for toys the missing modes plus the share of low-quality samples, so that
+        a generator that sharpened by dropping a mode never wins. Uses no training RNG: a run with
+        evaluations trains exactly as one without."""
         from training import metrics  # the classifier is only needed here
 
+        z = latents(self.config.run.seed, self.config.run.eval_samples, self.config.model.latent_size)
+        samples = self.generate(torch.from_numpy(z).to(self.device))
+        if self.config.kind == "toy2d":
+            toy = metrics.toy_metrics(samples, toy_mixture(self.config.data.dataset))
+            missing = toy["modes"] - toy["modes_covered"]
+            scores = {key: float(toy[key]) for key in ("modes_covered", "high_quality", "reverse_kl")}
+            return {**scores, "objective": missing + 1.0 - toy["high_quality"]}
         if self._reference is None:
             self._reference = metrics.ImageReference.load(Path(self.config.data.path),
                                                           progress=self.config.run.progress)
-        z = latents(self.config.run.seed, self.config.run.eval_samples, self.config.model.latent_size)
-        result = metrics.evaluate_images(self.generate(torch.from_numpy(z).to(self.device)), self._reference)
-        return {key: float(result[key]) for key in ("fd", "is", "coverage_min", "coverage_max")}
+        result = metrics.evaluate_images(samples, self._reference)
+        scores = {key: float(result[key]) for key in ("fd", "is", "coverage_min", "coverage_max")}
+        return {**scores, "objective": scores["fd"]}
 
     def sampling_generator(self) -> nn.Module:
         """The generator to sample and export: EMA weights with their own BatchNorm statistics."""
