@@ -4,7 +4,9 @@ Measures, interleaved over repeats (medians reported):
   raw onnxruntime G and D at batch 1/64/256 (in this process, same files, same provider);
   gRPC Sample(count=1/64/256, raw uint8) from one client;
   64 concurrent clients asking for 1 image each, against a server with batching on and one off;
-  gRPC Score of 64 raw uint8 images.
+  gRPC Score of 64 raw uint8 images;
+  for the concurrent runs, the CPU time per call of the server process and of this client
+  (core-milliseconds): on a CPU-only host that, not batching, sets the ceiling.
 Servers run as real `dcgan-serve` processes on localhost. Raw onnxruntime always runs with its
 default thread count (the strongest baseline); ``--ort-threads N`` sets the servers' intra-op
 threads. Results: bench/results/serve_<device>[_ort<N>].json
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -78,6 +82,30 @@ def concurrent_clients(target: str, clients: int, seconds: float, request: pb.Sa
     return asyncio.run(run())
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from Linux /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def costed(measure: Callable[[], Measurement], server: subprocess.Popen,
+           costs: list[dict[str, float]]) -> Callable[[], Measurement]:
+    """``measure``, also appending the server's and this process's core-ms per call to ``costs``."""
+    def run() -> Measurement:
+        server_start, client_start = process_cpu_s(server.pid), own_cpu_s()
+        rate, latencies = measure()
+        calls = len(latencies)
+        costs.append({"server": (process_cpu_s(server.pid) - server_start) / calls * 1e3,
+                      "client": (own_cpu_s() - client_start) / calls * 1e3})
+        return rate, latencies
+    return run
+
+
 def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", repository,
                              "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", device, *extra],
@@ -132,13 +160,20 @@ def main() -> None:
             lambda b=batch: timed_loop(raw(d, tuple(manifest.sample_shape), b), args.seconds))
         measurements[f"grpc_sample_count{batch}"] = lambda b=batch: timed_loop(sample(b), args.seconds)
     measurements["grpc_score_64"] = lambda: timed_loop(lambda: len(stub.Score(score).logits), args.seconds)
-    measurements["concurrent_batching_on"] = lambda: concurrent_clients(target_on, args.clients, args.seconds, single)
-    measurements["concurrent_batching_off"] = lambda: concurrent_clients(target_off, args.clients, args.seconds, single)
+    costs: dict[str, list[dict[str, float]]] = {"concurrent_batching_on": [], "concurrent_batching_off": []}
+    measurements["concurrent_batching_on"] = costed(
+        lambda: concurrent_clients(target_on, args.clients, args.seconds, single), batching_on,
+        costs["concurrent_batching_on"])
+    measurements["concurrent_batching_off"] = costed(
+        lambda: concurrent_clients(target_off, args.clients, args.seconds, single), batching_off,
+        costs["concurrent_batching_off"])
 
     results: dict[str, list[Measurement]] = {name: [] for name in measurements}
     try:
         for name, measure in measurements.items():
             measure()  # warm-up
+        for cost in costs.values():
+            cost.clear()
         for repeat in range(args.repeats):
             for name, measure in measurements.items():
                 results[name].append(measure())
@@ -153,6 +188,9 @@ def main() -> None:
         rates = [rate for rate, _ in runs]
         table[name] = {"items_per_s": median(rates), "repeats_items_per_s": rates,
                        **percentiles([lat for _, lats in runs for lat in lats])}
+        for side in ("server", "client"):
+            if name in costs:
+                table[name][f"{side}_core_ms_per_call"] = median([c[side] for c in costs[name]])
     rate = lambda name: table[name]["items_per_s"]  # noqa: E731
     ratios = {
         "sample256_over_raw_g256": (rate("grpc_sample_count256") / rate("raw_ort_generator_b256"), 0.9),
@@ -163,6 +201,10 @@ def main() -> None:
     print(f"\n{'measurement':<32} {'items/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for name, row in table.items():
         print(f"{name:<32} {row['items_per_s']:>10.0f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p99_ms']:>8.2f}")
+    for name in costs:
+        row = table[name]
+        print(f"{name:<32} CPU per call: server {row['server_core_ms_per_call']:.3f} core-ms, "
+              f"client {row['client_core_ms_per_call']:.3f} core-ms")
     print()
     for name, (value, target) in ratios.items():
         print(f"{name:<32} {value:6.3f}  (target >= {target}) {'ok' if value >= target else 'BELOW TARGET'}")

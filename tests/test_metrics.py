@@ -148,3 +148,6 @@ def test_toy_training_keeps_the_epoch_with_all_modes_and_most_high_quality(tmp_p
     best = min(records, key=lambda r: r["objective"])
     assert best["best"]
     assert checkpoint.load(tmp_path / checkpoint.BEST_NAME)["step"] == best["step"]
+    assert load_samples(tmp_path, 100, 0, best=True).values.shape == (100, 2)
+    with pytest.raises(EvalError, match=r"no best.pt \(a run keeps one only with run.eval_every\)"):
+        load_samples(tmp_path / "elsewhere", 100, 0, best=True)

@@ -1,6 +1,6 @@
 """``dcgan-eval SOURCE``: quality metrics of a generator or a set of samples, beside the real floor.
 
-SOURCE is a training run directory (its EMA generator), an ONNX generator file, a folder of PNGs,
+SOURCE is a training run directory (its EMA generator; --best for best.pt), an ONNX generator file, a folder of PNGs,
 or a .npy array (uint8 NCHW images, float32 model-range images, or float32 [N, 2] points).
 
 Exit codes: 0 done, 2 bad input.
@@ -22,7 +22,7 @@ from dcgan_core import images
 from dcgan_core.atomic import atomic_write_text
 from dcgan_core.latents import latents
 from training import metrics
-from training.checkpoint import CHECKPOINT_NAME, CheckpointError
+from training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError
 from training.config import TOY_DATASETS
 from training.data import DataError, toy_mixture
 
@@ -37,10 +37,10 @@ class Samples:
     toy: str | None  # mixture name for 2-D points
 
 
-def _from_checkpoint(run_dir: Path, count: int, seed: int) -> Samples:
+def _from_checkpoint(run_dir: Path, count: int, seed: int, checkpoint_name: str) -> Samples:
     from training.export import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, checkpoint_name=checkpoint_name)
     z = torch.from_numpy(latents(seed, count, run.config.model.latent_size))
     with torch.no_grad():
         values = np.concatenate([run.generator(chunk).numpy() for chunk in z.split(1000)])
@@ -67,10 +67,16 @@ def _from_array(array: np.ndarray, toy: str | None, where: str) -> Samples:
     return Samples(images.uint8_to_model(array) if array.dtype == np.uint8 else array.astype(np.float32), None)
 
 
-def load_samples(source: Path, count: int, seed: int, toy: str | None = None) -> Samples:
-    """Samples from any supported source (generators draw ``count`` from ``seed``)."""
+def load_samples(source: Path, count: int, seed: int, toy: str | None = None,
+                 best: bool = False) -> Samples:
+    """Samples from any supported source (generators draw ``count`` from ``seed``); ``best``
+    takes a run's best.pt (its best in-training evaluation) instead of its last checkpoint."""
+    if best:
+        if not (source / BEST_NAME).exists():
+            raise EvalError(f"{source}: no {BEST_NAME} (a run keeps one only with run.eval_every)")
+        return _from_checkpoint(source, count, seed, BEST_NAME)
     if (source / CHECKPOINT_NAME).exists():
-        return _from_checkpoint(source, count, seed)
+        return _from_checkpoint(source, count, seed, CHECKPOINT_NAME)
     if source.suffix == ".onnx" and source.is_file():
         return _from_onnx(source, count, seed, toy)
     if source.suffix == ".npy" and source.is_file():
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path)
     parser.add_argument("--count", type=int, default=10000, help="samples drawn from a generator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--best", action="store_true", help="a run's best.pt instead of its last checkpoint")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/mnist"))
     parser.add_argument("--metrics", help=f"comma list of {', '.join(metrics.IMAGE_METRICS)} (default: all)")
     parser.add_argument("--toy", choices=TOY_DATASETS, help="target mixture of 2-D point samples")
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"unknown metric {unknown[0]!r}; metrics are {', '.join(metrics.IMAGE_METRICS)}")
         if args.count < 2:
             raise EvalError("--count must be >= 2")
-        result = evaluate(load_samples(args.source, args.count, args.seed, args.toy), args.data_dir,
+        result = evaluate(load_samples(args.source, args.count, args.seed, args.toy, args.best), args.data_dir,
                           names, not args.no_floor)
     except (EvalError, DataError, CheckpointError, OSError, ValueError) as exc:
         print(f"dcgan-eval: error: {exc}", file=sys.stderr)
