@@ -6,10 +6,13 @@ Measures, interleaved over repeats (medians reported):
   64 concurrent clients asking for 1 image each, against a server with batching on and one off;
   gRPC Score of 64 raw uint8 images;
   for the concurrent runs, the CPU time per call of the server process and of this client
-  (core-milliseconds): on a CPU-only host that, not batching, sets the ceiling.
+  (core-milliseconds): on a CPU-only host that, not batching, sets the ceiling;
+  the same concurrent clients and Score calls against bench/grpc_floor.py, a gRPC server that
+  does no work: the most any Python gRPC server can answer on this host.
 Servers run as real `dcgan-serve` processes on localhost. Raw onnxruntime always runs with its
 default thread count (the strongest baseline); ``--ort-threads N`` sets the servers' intra-op
-threads. Results: bench/results/serve_<device>[_ort<N>].json
+threads and ``--batch-workers N`` their batch workers. Results:
+bench/results/serve_<device>[_w<N>][_ort<N>].json
 
     .venv/bin/python bench/serve_throughput.py --repository exported --model mnist-dcgan
     .venv/bin/python bench/serve_throughput.py --ort-threads 1
@@ -107,9 +110,14 @@ def costed(measure: Callable[[], Measurement], server: subprocess.Popen,
 
 
 def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", repository,
-                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", device, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return start([sys.executable, "-m", "serving.server", "--repository", repository, "--host", "127.0.0.1",
+                  "--port", "0", "--metrics-port", "0", "--device", device, *extra])
+
+
+def start(command: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a server that prints "... listening on port N" first; (process, target)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
     line = proc.stdout.readline()
     if "listening on port" not in line:
         raise SystemExit(f"server failed to start: {line}")
@@ -125,8 +133,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--ort-threads", type=int, default=0, help="servers' onnxruntime intra-op threads")
+    parser.add_argument("--batch-workers", type=int, default=0, help="servers' batch workers per network")
     args = parser.parse_args()
-    server_args = ["--ort-threads", str(args.ort_threads)]
+    server_args = ["--ort-threads", str(args.ort_threads), "--batch-workers", str(args.batch_workers)]
 
     repository = Repository(args.repository)
     version = max(repository.versions(args.model))
@@ -139,6 +148,8 @@ def main() -> None:
 
     batching_on, target_on = start_server(args.repository, args.device, server_args)
     batching_off, target_off = start_server(args.repository, args.device, [*server_args, "--no-batching"])
+    floor, target_floor = start([sys.executable, "-m", "bench.grpc_floor"])
+    floor_stub = pb_grpc.InferenceStub(grpc.insecure_channel(target_floor))
     channel = grpc.insecure_channel(target_on, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = pb_grpc.InferenceStub(channel)
     single = pb.SampleRequest(model=args.model, count=1, seed=1, encoding=pb.ENCODING_RAW_UINT8)
@@ -160,13 +171,18 @@ def main() -> None:
             lambda b=batch: timed_loop(raw(d, tuple(manifest.sample_shape), b), args.seconds))
         measurements[f"grpc_sample_count{batch}"] = lambda b=batch: timed_loop(sample(b), args.seconds)
     measurements["grpc_score_64"] = lambda: timed_loop(lambda: len(stub.Score(score).logits), args.seconds)
-    costs: dict[str, list[dict[str, float]]] = {"concurrent_batching_on": [], "concurrent_batching_off": []}
+    measurements["grpc_floor_score_64"] = lambda: timed_loop(lambda: len(floor_stub.Score(score).logits), args.seconds)
+    costs: dict[str, list[dict[str, float]]] = {
+        "concurrent_batching_on": [], "concurrent_batching_off": [], "concurrent_grpc_floor": []}
     measurements["concurrent_batching_on"] = costed(
         lambda: concurrent_clients(target_on, args.clients, args.seconds, single), batching_on,
         costs["concurrent_batching_on"])
     measurements["concurrent_batching_off"] = costed(
         lambda: concurrent_clients(target_off, args.clients, args.seconds, single), batching_off,
         costs["concurrent_batching_off"])
+    measurements["concurrent_grpc_floor"] = costed(
+        lambda: concurrent_clients(target_floor, args.clients, args.seconds, single), floor,
+        costs["concurrent_grpc_floor"])
 
     results: dict[str, list[Measurement]] = {name: [] for name in measurements}
     try:
@@ -179,7 +195,7 @@ def main() -> None:
                 results[name].append(measure())
             print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
     finally:
-        for proc in (batching_on, batching_off):
+        for proc in (batching_on, batching_off, floor):
             proc.terminate()
             proc.wait(30)
 
@@ -198,6 +214,21 @@ def main() -> None:
         "concurrent_on_over_raw_g64": (rate("concurrent_batching_on") / rate("raw_ort_generator_b64"), 0.5),
         "score64_over_raw_d64": (rate("grpc_score_64") / rate("raw_ort_discriminator_b64"), 0.8),
     }
+    # What the transport alone allows: a server that does no work, and a Score that costs the raw
+    # model's time plus a no-work round trip of the same message.
+    p50 = lambda name: table[name]["p50_ms"]  # noqa: E731
+    # Concurrent clients also pay the generator: a call costs the no-work server's and client's
+    # core-ms plus one image of raw G at batch 64 (which keeps every core busy).
+    cores = len(os.sched_getaffinity(0))
+    floor_cost = table["concurrent_grpc_floor"]
+    call_core_ms = (floor_cost["server_core_ms_per_call"] + floor_cost["client_core_ms_per_call"]
+                    + cores * 1e3 / rate("raw_ort_generator_b64"))
+    ceilings = {
+        "concurrent_on_over_raw_g64": rate("concurrent_grpc_floor") / rate("raw_ort_generator_b64"),
+        "concurrent_on_over_raw_g64_with_compute": cores * 1e3 / call_core_ms / rate("raw_ort_generator_b64"),
+        "score64_over_raw_d64": p50("raw_ort_discriminator_b64") / (p50("raw_ort_discriminator_b64")
+                                                                   + p50("grpc_floor_score_64")),
+    }
     print(f"\n{'measurement':<32} {'items/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for name, row in table.items():
         print(f"{name:<32} {row['items_per_s']:>10.0f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p99_ms']:>8.2f}")
@@ -208,12 +239,15 @@ def main() -> None:
     print()
     for name, (value, target) in ratios.items():
         print(f"{name:<32} {value:6.3f}  (target >= {target}) {'ok' if value >= target else 'BELOW TARGET'}")
-    suffix = f"_ort{args.ort_threads}" if args.ort_threads else ""
+    for name, value in ceilings.items():
+        print(f"{name:<40} ceiling on this host: {value:.3f}")
+    suffix = (f"_w{args.batch_workers}" if args.batch_workers else "") + (f"_ort{args.ort_threads}" if args.ort_threads else "")
     save(f"serve_{g.provider.replace('ExecutionProvider', '').lower()}{suffix}", {
         "model": f"{args.model} v{version}", "provider": g.provider, "clients": args.clients,
-        "server_ort_threads": args.ort_threads,
+        "server_ort_threads": args.ort_threads, "server_batch_workers": args.batch_workers,
         "seconds_per_measurement": args.seconds, "repeats": args.repeats, "table": table,
-        "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()}})
+        "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()},
+        "grpc_ceilings": ceilings})
 
 
 if __name__ == "__main__":

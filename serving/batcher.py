@@ -85,7 +85,8 @@ class DynamicBatcher:
                is_active: Callable[[], bool] = lambda: True) -> Future:
         """Queue ``inputs`` (a batch of 1+ items); the future resolves to their outputs."""
         pieces = max(1, min(self.workers, len(inputs) // self.min_piece))
-        requests = [_Request(part, deadline, is_active, pieces > 1) for part in np.array_split(inputs, pieces)]
+        parts = [inputs] if pieces == 1 else np.array_split(inputs, pieces)
+        requests = [_Request(part, deadline, is_active, pieces > 1) for part in parts]
         with self._cond:
             if self._stopped:
                 raise Stopped("the server is shutting down")

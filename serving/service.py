@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,10 +65,52 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)
 
 
+class Handoff:
+    """Delivers batcher results to the event loop: one loop wake-up per batch, not per request.
+
+    ``asyncio.wrap_future`` wakes the loop (a write to its self-pipe) for every finished request;
+    with 64 single-image requests per batch those writes and wake-ups cost more than the model.
+    Here the first result of a burst schedules one delivery and the rest join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future, Future]] = []
+
+    def wrap(self, future: Future) -> asyncio.Future:
+        """An asyncio future for ``future``; cancelling it cancels ``future`` (if still queued)."""
+        waiter = self._loop.create_future()
+        waiter.add_done_callback(lambda w: w.cancelled() and future.cancel())
+        future.add_done_callback(lambda f: self._finished(waiter, f))
+        return waiter
+
+    def _finished(self, waiter: asyncio.Future, future: Future) -> None:
+        with self._lock:
+            self._ready.append((waiter, future))
+            if len(self._ready) > 1:
+                return  # a delivery is already scheduled and will take this one too
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for waiter, future in ready:
+            if waiter.done():
+                continue  # the caller stopped waiting (cancelled, timed out)
+            if future.cancelled():
+                waiter.cancel()
+            elif (error := future.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
+
+
 class InferenceService:
     def __init__(self, store: ModelStore, config: ServeConfig):
         self.store, self.config = store, config
         self.shutting_down = False
+        self._handoff: Handoff | None = None  # created on the event loop's first call
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -94,6 +137,8 @@ class InferenceService:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     async def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
+        if self._handoff is None:
+            self._handoff = Handoff(asyncio.get_running_loop())
         try:
             future = batcher.submit(inputs, call.deadline, call.is_active)
         except QueueFull as exc:
@@ -101,7 +146,7 @@ class InferenceService:
         except Stopped as exc:
             raise Unavailable(str(exc)) from exc
         try:  # a cancelled wait (timeout, caller gone) cancels the queued request too
-            return await asyncio.wait_for(asyncio.wrap_future(future), call.remaining())
+            return await asyncio.wait_for(self._handoff.wrap(future), call.remaining())
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded while waiting for the model") from None
         except Expired as exc:

@@ -217,3 +217,40 @@ def test_execution_plan_and_its_settings():
     assert execution_plan("cpu", workers=3, threads=2) == (3, 2)  # explicit settings win
     with pytest.raises(ServeConfigError, match="batch_workers = -1 must be >= 0"):
         load_serve_config(None, {"batch_workers": -1})
+
+
+def test_handoff_delivers_a_whole_batch_to_the_event_loop_and_cancels_through():
+    """Results reach their own awaiting coroutine (errors too); a cancelled wait cancels the queued request."""
+    import asyncio
+
+    from serving.service import Handoff
+
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0.05)
+
+    async def scenario() -> None:
+        handoff = Handoff(asyncio.get_running_loop())
+        waits = [handoff.wrap(batcher.submit(np.full((1, 2), i, np.float32))) for i in range(40)]
+        results = await asyncio.gather(*waits)
+        assert [float(r[0, 0]) for r in results] == [2.0 * i for i in range(40)]
+        assert run.sizes == [40]  # one batch, delivered through the burst of 40 completions
+
+        failing = DynamicBatcher(lambda batch: 1 / 0, max_queue_delay_s=0)
+        with pytest.raises(ZeroDivisionError):
+            await handoff.wrap(failing.submit(np.zeros((1, 2), np.float32)))
+        failing.stop()
+
+        run.gate.clear()  # hold the worker on the next batch so that a second request stays queued
+        busy = handoff.wrap(batcher.submit(np.zeros((64, 2), np.float32)))
+        await asyncio.sleep(0.1)
+        queued = batcher.submit(np.zeros((1, 2), np.float32))
+        waiter = handoff.wrap(queued)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        assert queued.cancelled()
+        run.gate.set()
+        await busy
+
+    asyncio.run(scenario())
+    batcher.stop()
+    assert run.sizes == [40, 64]  # the cancelled request never ran
