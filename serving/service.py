@@ -74,13 +74,13 @@ class Handoff:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+        self.loop = loop
         self._lock = threading.Lock()
         self._ready: list[tuple[asyncio.Future, Future]] = []
 
     def wrap(self, future: Future) -> asyncio.Future:
         """An asyncio future for ``future``; cancelling it cancels ``future`` (if still queued)."""
-        waiter = self._loop.create_future()
+        waiter = self.loop.create_future()
         waiter.add_done_callback(lambda w: w.cancelled() and future.cancel())
         future.add_done_callback(lambda f: self._finished(waiter, f))
         return waiter
@@ -90,7 +90,7 @@ class Handoff:
             self._ready.append((waiter, future))
             if len(self._ready) > 1:
                 return  # a delivery is already scheduled and will take this one too
-        self._loop.call_soon_threadsafe(self._deliver)
+        self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
@@ -110,7 +110,7 @@ class InferenceService:
     def __init__(self, store: ModelStore, config: ServeConfig):
         self.store, self.config = store, config
         self.shutting_down = False
-        self._handoff: Handoff | None = None  # created on the event loop's first call
+        self._handoff: Handoff | None = None  # made on the first call, on that call's event loop
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -137,8 +137,9 @@ class InferenceService:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     async def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
-        if self._handoff is None:
-            self._handoff = Handoff(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff.loop is not loop:  # embedding code may switch loops
+            self._handoff = Handoff(loop)
         try:
             future = batcher.submit(inputs, call.deadline, call.is_active)
         except QueueFull as exc:

@@ -254,3 +254,27 @@ def test_handoff_delivers_a_whole_batch_to_the_event_loop_and_cancels_through():
     asyncio.run(scenario())
     batcher.stop()
     assert run.sizes == [40, 64]  # the cancelled request never ran
+
+
+def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
+    """Embedding code may call the service from successive asyncio.run() loops."""
+    import asyncio
+
+    from dcgan_core.repository import Repository
+    from serving.config import ServeConfig
+    from serving.service import Call, InferenceService
+    from serving.store import ModelStore
+
+    config = ServeConfig(repository=str(serving_repo)).validate()
+    store = ModelStore(Repository(serving_repo), config)
+    store.load()
+    service = InferenceService(store, config)
+    try:
+        for seed in (1, 2):
+            with store.use("tiny", 0) as loaded:
+                z, _ = service.latents_for(loaded.manifest, 3, seed, None)
+                call = service.sample(loaded, z, seed, False, Call())
+                result = asyncio.run(asyncio.wait_for(call, 10))
+            assert result.samples.shape == (3, *loaded.manifest.sample_shape)
+    finally:
+        store.close()
