@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -91,20 +90,15 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def costed(measure: Callable[[], Measurement], server: subprocess.Popen,
            costs: list[dict[str, float]]) -> Callable[[], Measurement]:
     """``measure``, also appending the server's and this process's core-ms per call to ``costs``."""
     def run() -> Measurement:
-        server_start, client_start = process_cpu_s(server.pid), own_cpu_s()
+        server_start, client_start = process_cpu_s(server.pid), time.process_time()
         rate, latencies = measure()
         calls = len(latencies)
         costs.append({"server": (process_cpu_s(server.pid) - server_start) / calls * 1e3,
-                      "client": (own_cpu_s() - client_start) / calls * 1e3})
+                      "client": (time.process_time() - client_start) / calls * 1e3})
         return rate, latencies
     return run
 
@@ -172,17 +166,13 @@ def main() -> None:
         measurements[f"grpc_sample_count{batch}"] = lambda b=batch: timed_loop(sample(b), args.seconds)
     measurements["grpc_score_64"] = lambda: timed_loop(lambda: len(stub.Score(score).logits), args.seconds)
     measurements["grpc_floor_score_64"] = lambda: timed_loop(lambda: len(floor_stub.Score(score).logits), args.seconds)
-    costs: dict[str, list[dict[str, float]]] = {
-        "concurrent_batching_on": [], "concurrent_batching_off": [], "concurrent_grpc_floor": []}
-    measurements["concurrent_batching_on"] = costed(
-        lambda: concurrent_clients(target_on, args.clients, args.seconds, single), batching_on,
-        costs["concurrent_batching_on"])
-    measurements["concurrent_batching_off"] = costed(
-        lambda: concurrent_clients(target_off, args.clients, args.seconds, single), batching_off,
-        costs["concurrent_batching_off"])
-    measurements["concurrent_grpc_floor"] = costed(
-        lambda: concurrent_clients(target_floor, args.clients, args.seconds, single), floor,
-        costs["concurrent_grpc_floor"])
+    costs: dict[str, list[dict[str, float]]] = {}
+    for name, (server, target) in {"concurrent_batching_on": (batching_on, target_on),
+                                   "concurrent_batching_off": (batching_off, target_off),
+                                   "concurrent_grpc_floor": (floor, target_floor)}.items():
+        costs[name] = []
+        measurements[name] = costed(lambda t=target: concurrent_clients(t, args.clients, args.seconds, single),
+                                    server, costs[name])
 
     results: dict[str, list[Measurement]] = {name: [] for name in measurements}
     try:
@@ -214,11 +204,11 @@ def main() -> None:
         "concurrent_on_over_raw_g64": (rate("concurrent_batching_on") / rate("raw_ort_generator_b64"), 0.5),
         "score64_over_raw_d64": (rate("grpc_score_64") / rate("raw_ort_discriminator_b64"), 0.8),
     }
-    # What the transport alone allows: a server that does no work, and a Score that costs the raw
-    # model's time plus a no-work round trip of the same message.
+    # What the transport alone allows: the no-work server's calls/s; the same, with each call also
+    # paying one image of raw G at batch 64 (which keeps every core busy) on top of the no-work
+    # server's and client's core-ms; and a Score costing the raw model's time plus a no-work round
+    # trip of the same message.
     p50 = lambda name: table[name]["p50_ms"]  # noqa: E731
-    # Concurrent clients also pay the generator: a call costs the no-work server's and client's
-    # core-ms plus one image of raw G at batch 64 (which keeps every core busy).
     cores = len(os.sched_getaffinity(0))
     floor_cost = table["concurrent_grpc_floor"]
     call_core_ms = (floor_cost["server_core_ms_per_call"] + floor_cost["client_core_ms_per_call"]
