@@ -122,3 +122,13 @@ def test_toy_training_runs(tmp_path):
                          model={"toy_hidden": 16, "toy_layers": 2})
     Trainer(config).train()
     assert (tmp_path / "samples" / "epoch_002.png").exists()
+
+
+def test_top_k_keeps_the_fakes_d_rates_most_real_and_shrinks_over_the_run(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, loss={"top_k": 0.5}))
+    logits = torch.tensor([0.3, -2.0, 1.5, 0.0, -0.7, 2.2, -1.1, 0.9])
+    assert sorted(trainer._top_k(logits).tolist()) == sorted(logits.tolist())  # step 0: every sample
+    trainer.step = trainer.total_steps // 2
+    assert sorted(trainer._top_k(logits).tolist()) == pytest.approx([-0.7, 0.0, 0.3, 0.9, 1.5, 2.2])  # 8 * 0.75
+    trainer.step = trainer.total_steps
+    assert sorted(trainer._top_k(logits).tolist()) == pytest.approx([0.3, 0.9, 1.5, 2.2])  # 8 * 0.5

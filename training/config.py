@@ -56,6 +56,7 @@ class LossConfig:
     name: str = "nonsaturating"  # minimax | nonsaturating | hinge | wgan-gp
     label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
     gp_weight: float = 10.0  # wgan-gp only
+    top_k: float = 1.0  # G learns from this share of its batch that D rates most real (1: all)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class TrainConfig:
         from training.losses import LOSSES
 
         _check(l.name in LOSSES, "loss.name", l.name, f"one of {', '.join(LOSSES)}")
+        _check(0 < l.top_k <= 1, "loss.top_k", l.top_k, "in (0, 1]")
         _check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", l.label_smoothing, "in [0, 0.5)")
         _check(0 <= r.ema_decay < 1, "run.ema_decay", r.ema_decay, "in [0, 1)")
         _check(r.max_steps >= 0, "run.max_steps", r.max_steps, ">= 0")

@@ -166,7 +166,7 @@ class Trainer:
     def _generator_step(self, fake: torch.Tensor) -> None:
         self.D.requires_grad_(False)
         with self._autocast():
-            loss_g = self.loss.g_loss(self.D(fake).float())
+            loss_g = self.loss.g_loss(self._top_k(self.D(fake).float()))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self._set_lr(self.opt_g, self.config.optim.lr_g)
@@ -175,6 +175,17 @@ class Trainer:
         self.g_steps += 1
         self.last_loss_g = loss_g.item()
         self._update_ema()
+
+    def _top_k(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        """The logits G learns from (Sinha et al. 2020, top-k training): the samples D rates least
+        real pull G towards averages of modes, so late in training only the best share counts.
+        The share falls linearly from 1 to ``loss.top_k`` over the run, like the learning rate."""
+        target = self.config.loss.top_k
+        if target >= 1.0:
+            return fake_logits
+        progress = min(1.0, self.step / (self.config.run.epochs * self.steps_per_epoch))
+        k = max(1, math.ceil(len(fake_logits) * (1.0 - progress * (1.0 - target))))
+        return fake_logits.topk(k).values
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         """Apply the decay schedule. A pure function of the step (no scheduler state), so a
