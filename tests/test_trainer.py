@@ -16,16 +16,21 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("loss, d_steps, decay", [("nonsaturating", 1, "none"), ("wgan-gp", 2, "none"),
-                                                  ("hinge", 1, "linear")])
-def test_resume_equals_straight_run(tmp_path, loss, d_steps, decay):
+@pytest.mark.parametrize("loss, d_steps, decay, precision", [
+    ("nonsaturating", 1, "none", "fp32"), ("wgan-gp", 2, "none", "fp32"), ("hinge", 1, "linear", "bf16")])
+def test_resume_equals_straight_run(tmp_path, loss, d_steps, decay, precision):
     """N steps, a new process-like Trainer on the same directory, M steps == N+M straight."""
     sections = {"loss": {"name": loss}, "optim": {"d_steps": d_steps, "lr_decay": decay}}
-    straight = Trainer(tiny_config(tmp_path / "straight", run={"max_steps": 11}, **sections))
+
+    def trainer(run_dir, max_steps):
+        return Trainer(tiny_config(run_dir, run={"precision": precision, "max_steps": max_steps}, **sections))
+
+    straight = trainer(tmp_path / "straight", 11)
     straight.train()
-    first = Trainer(tiny_config(tmp_path / "resumed", run={"max_steps": 5}, **sections))
+    assert straight.bf16 == (precision == "bf16")
+    first = trainer(tmp_path / "resumed", 5)
     first.train()
-    second = Trainer(tiny_config(tmp_path / "resumed", run={"max_steps": 11}, **sections))
+    second = trainer(tmp_path / "resumed", 11)
     assert second.step == 5
     second.train()
     a, b = _weights(straight), _weights(second)
@@ -132,3 +137,9 @@ def test_top_k_keeps_the_fakes_d_rates_most_real_and_shrinks_over_the_run(tmp_pa
     assert sorted(trainer._top_k(logits).tolist()) == pytest.approx([-0.7, 0.0, 0.3, 0.9, 1.5, 2.2])  # 8 * 0.75
     trainer.step = trainer.total_steps
     assert sorted(trainer._top_k(logits).tolist()) == pytest.approx([0.3, 0.9, 1.5, 2.2])  # 8 * 0.5
+
+
+def test_auto_precision_keeps_toys_in_fp32(tmp_path):
+    toy = tiny_config(tmp_path, data={"dataset": "ring", "toy_epoch_samples": 64},
+                      model={"toy_hidden": 16, "toy_layers": 2})
+    assert toy.run.precision == "auto" and not Trainer(toy).bf16

@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [dry, {"run": {"run_dir": tempfile.mkdtemp(prefix="dcgan-dry-run-")}}] + overrides
         config = load_config(args.preset, args.config, overrides)
         trainer = Trainer(config, force=args.force)
-        log.info("run %s: %s on %s, %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
-                 trainer.device, trainer.steps_per_epoch, trainer.step, trainer.total_steps)
+        log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
+                 trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
+                 trainer.step, trainer.total_steps)
         result = trainer.train()
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"dcgan-train: error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
 IMAGE_SIZES = (28, 32, 64)
 LR_DECAYS = ("none", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ class RunConfig:
     max_steps: int = 0  # stop after this many discriminator steps in total (0: no limit)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 for image models where it is native
     ema_decay: float = 0.999  # 0 disables the EMA generator
     checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end)
     sample_count: int = 64  # fixed-noise samples in each epoch's grid
@@ -122,6 +124,7 @@ class TrainConfig:
                "run.eval_every", r.eval_every,
                "0 unless the data is a toy or the images are 1x28x28 (the metrics' MNIST classifier)")
         _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
+        _check(r.precision in PRECISIONS, "run.precision", r.precision, ", ".join(PRECISIONS))
         return self
 
 

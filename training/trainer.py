@@ -43,6 +43,19 @@ class TrainResult:
     run_dir: Path
 
 
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast (weights, optimizer state and exports stay fp32).
+
+    ``auto`` takes it for image models where bf16 runs natively: CUDA, or a CPU with AMX tiles,
+    where a preset MNIST step takes half the time of fp32 (bench/results/TUNING.md). The dense
+    toy networks stay fp32: their layers are too small to gain, and the ring is sensitive.
+    """
+    if config.run.precision != "auto":
+        return config.run.precision == "bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return config.kind == "dcgan" and (device.type == "cuda" or amx)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but CUDA is not available on this machine")
@@ -62,7 +75,8 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         torch.manual_seed(config.run.seed)
         generator, discriminator = build_models(config)
-        memory_format = torch.channels_last if self.cuda and config.kind == "dcgan" else torch.preserve_format
+        self.bf16 = use_bf16(config, self.device)
+        memory_format = torch.channels_last if config.kind == "dcgan" else torch.preserve_format
         self.memory_format = memory_format
         self.G = generator.to(self.device, memory_format=memory_format)
         self.D = discriminator.to(self.device, memory_format=memory_format)
@@ -132,7 +146,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _latents(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.model.latent_size, generator=self.noise, device=self.device)
