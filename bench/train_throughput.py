@@ -50,10 +50,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/datasets/mnist")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"],
+                        help="the project trainer's run.precision; the reference loop is always fp32 "
+                             "(default fp32: what is measured is the trainer's own overhead)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
         config = load_config("mnist", overrides=[{"data": {"path": args.data_dir}, "run": {
-            "run_dir": run_dir, "progress": False, "epochs": 1000, "checkpoint_every": 10**9}}])
+            "run_dir": run_dir, "progress": False, "epochs": 1000, "checkpoint_every": 10**9,
+            "precision": args.precision}}])
         batches = build_batches(config)
         runs = {"reference": reference_loop(config, batches, args.steps),
                 "project": project_trainer(config, batches, args.steps)}
@@ -68,8 +72,9 @@ def main() -> None:
     print(f"ratio project/reference: {ratio:.3f} (target >= 1.0)")
     m, o = config.model, config.optim
     label = (f"mnist preset: 28x28, ngf {m.ngf}, ndf {m.ndf}, spectral_norm {m.spectral_norm}, "
-             f"batch {o.batch_size}, loss {config.loss.name}, EMA {config.run.ema_decay}")
-    save("train_throughput_cpu", {"config": label,
+             f"batch {o.batch_size}, loss {config.loss.name}, EMA {config.run.ema_decay}, "
+             f"project precision {config.run.precision}")
+    save("train_throughput_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}"), {"config": label,
                                   "steps_per_repeat": args.steps, "repeats": args.repeats,
                                   "images_per_second": rates,
                                   "median_images_per_second": {k: median(v) for k, v in rates.items()},
