@@ -197,17 +197,18 @@ class Trainer:
         target = self.config.loss.top_k
         if target >= 1.0:
             return fake_logits
-        progress = min(1.0, self.step / (self.config.run.epochs * self.steps_per_epoch))
-        k = max(1, math.ceil(len(fake_logits) * (1.0 - progress * (1.0 - target))))
+        k = max(1, math.ceil(len(fake_logits) * (1.0 - self._progress() * (1.0 - target))))
         return fake_logits.topk(k).values
 
-    def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
-        """Apply the decay schedule. A pure function of the step (no scheduler state), so a
-        resumed run follows exactly the schedule of an uninterrupted one. The length is the
+    def _progress(self) -> float:
+        """Share of the run done, 0 to 1: a pure function of the step (no scheduler state), so a
+        resumed run follows exactly the schedules of an uninterrupted one. The length is the
         configured epochs (``run.max_steps`` only stops a run early)."""
-        scale = 1.0
-        if self.config.optim.lr_decay == "linear":
-            scale = max(0.0, 1.0 - self.step / (self.config.run.epochs * self.steps_per_epoch))
+        return min(1.0, self.step / (self.config.run.epochs * self.steps_per_epoch))
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+        """Apply the decay schedule (see :meth:`_progress`)."""
+        scale = 1.0 - self._progress() if self.config.optim.lr_decay == "linear" else 1.0
         for group in optimizer.param_groups:
             group["lr"] = base_lr * scale
 
