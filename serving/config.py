@@ -29,9 +29,7 @@ class ServeConfig:
     stream_chunk_size: int = 256  # SampleStream default chunk
     grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     max_concurrent_rpcs: int = 0  # calls in progress at once; more get RESOURCE_EXHAUSTED (0: no limit)
-    # Both 0 on CPU: each network is timed at load under one single-threaded worker per core and
-    # under one worker using every core, and keeps the faster. On CUDA: one worker.
-    batch_workers: int = 0  # threads running batches per network
+    batch_workers: int = 0  # threads running batches per network (0: one per CPU core; 1 on CUDA)
     ort_threads: int = 0  # onnxruntime intra-op threads per session (0: 1 with several workers, else its default)
     metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
     version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +46,17 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU]
 
 
-def execution_plans(device: str, workers: int = 0, threads: int = 0) -> list[tuple[int, int]]:
-    """Candidate (batch workers, onnxruntime intra-op threads per session) plans; 0 = automatic.
+def execution_plan(device: str, workers: int = 0, threads: int = 0) -> tuple[int, int]:
+    """(batch workers, onnxruntime intra-op threads per session) for one network; 0 = automatic.
 
-    Settings given by the operator are the only candidate, and so is one worker on CUDA (it feeds
-    the GPU). On a CPU with several cores there are two ways to use them, and which one is faster
-    depends on the network: one single-threaded worker per core, running pieces of a batch side
-    by side (the generator's transposed convolutions: 9.6k vs 6.8k images/s at batch 64 on 2
-    cores), or one worker whose session spreads each run over the cores (the discriminator's
-    convolutions: 18.3k vs 13.5k). :func:`load_network` times both.
+    On CPU: one single-threaded worker per core. Runs side by side beat one run spread over the
+    cores (2 cores, generator at batch 64: 9.6k vs 6.8k images/s), and single-threaded sessions
+    do not spin-wait on cores that the gRPC event loop needs. On CUDA one worker feeds the GPU.
     """
     cuda = providers_for(device)[0] == CUDA
-    cores = len(os.sched_getaffinity(0))
-    if workers or threads or cuda or cores == 1:
-        workers = workers or (1 if cuda else cores)
-        return [(workers, threads or (1 if workers > 1 and not cuda else 0))]
-    return [(cores, 1), (1, 0)]
+    workers = workers or (1 if cuda else len(os.sched_getaffinity(0)))
+    threads = threads or (1 if workers > 1 and not cuda else 0)
+    return workers, threads
 
 
 class OnnxNetwork:
@@ -80,7 +73,7 @@ class OnnxNetwork:
             raise RuntimeUnavailable(f"{path.name}: CUDA provider failed to start; got {self.provider}")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.path, self.threads = path, threads
+        self.path = path
         log.info("loaded %s on %s", path, self.provider)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -97,33 +90,3 @@ class OnnxNetwork:
         """Run once per batch size so the first request does not pay for allocation/tuning."""
         for size in batch_sizes:
             self.run(np.zeros((size, *sample_shape), np.float32))
-
-    def seconds_per_batch(self, batch: np.ndarray, workers: int, repeats: int = 5) -> float:
-        """Median wall time of ``batch`` cut into one piece per worker, the pieces run side by
-        side (as the dynamic batcher runs them)."""
-        pieces = np.array_split(batch, workers) if workers > 1 else [batch]
-        times = []
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                list(pool.map(self.run, pieces))
-                times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-
-def load_network(path: Path, device: str, sample_shape: tuple[int, ...], max_batch: int,
-                 plans: list[tuple[int, int]]) -> tuple[OnnxNetwork, int]:
-    """The network loaded and warmed up under the fastest of ``plans`` at ``max_batch``, and
-    that plan's number of batch workers. With one plan nothing is timed."""
-    timed = []
-    for workers, threads in plans:
-        network = OnnxNetwork(path, device, threads)
-        network.warm_up(sample_shape, (1, max_batch))
-        if len(plans) == 1:
-            return network, workers
-        seconds = network.seconds_per_batch(np.zeros((max_batch, *sample_shape), np.float32), workers)
-        timed.append((seconds, workers, threads, network))
-    seconds, workers, threads, network = min(timed, key=lambda t: t[0])
-    log.info("%s: %s -> %d worker(s) x %s thread(s)", path.name, ", ".join(
-        f"{w} x {t or 'default'}: {s * 1000:.2f} ms" for s, w, t, _ in timed), workers, threads or "default")
-    return network, workers

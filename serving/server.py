@@ -158,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
     parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
     parser.add_argument("--batch-workers", type=int,
-                        help="threads running batches per network (default: 0 = on CPU, one per core or one using "
-                             "every core, whichever runs the network faster at load; 1 on CUDA)")
+                        help="threads running batches per network (default: 0 = one per CPU core, 1 on CUDA)")
     parser.add_argument("--ort-threads", type=int,
                         help="onnxruntime intra-op threads per session (default: 0 = 1 with several "
                              "workers, else onnxruntime's choice)")

@@ -19,7 +19,7 @@ from serving.batcher import BatchStats, DynamicBatcher
 from serving.config import ServeConfig
 from serving.errors import NotFound
 from serving.metrics import ServingMetrics
-from serving.runtime import execution_plans, load_network
+from serving.runtime import OnnxNetwork, execution_plan
 
 log = logging.getLogger(__name__)
 READY, FAILED = "READY", "FAILED"
@@ -113,20 +113,22 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
     """Validate, load and warm up one version; raises on any problem."""
     manifest = repository.manifest(name, version)
     folder = repository.version_dir(name, version)
-    plans = execution_plans(config.device, config.batch_workers, config.ort_threads)
+    workers, threads = execution_plan(config.device, config.batch_workers, config.ort_threads)
     networks = {}
     for net in ("generator", "discriminator"):
         spec = getattr(manifest, net)
-        networks[net] = load_network(folder / spec.file, config.device, tuple(spec.input_shape[1:]),
-                                     config.max_batch_size, plans)
+        network = OnnxNetwork(folder / spec.file, config.device, threads)
+        network.warm_up(tuple(spec.input_shape[1:]), (1, config.max_batch_size))
+        networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,
                                     config.max_queue, config.batching, name=f"{name}/{version}/{net}",
                                     on_batch=_observer(metrics, name, net), workers=workers)
-                for net, (network, workers) in networks.items()}
+                for net, network in networks.items()}
     for net, batcher in batchers.items():
         metrics.queue_depth.labels(name, net).set_function(batcher.depth)
-    provider = networks["generator"][0].provider
-    log.info("model %s version %s ready on %s", name, version, provider)
+    provider = networks["generator"].provider
+    log.info("model %s version %s ready on %s (%d batch workers, %s intra-op threads each)", name, version,
+             provider, workers, threads or "onnxruntime's default")
     return LoadedVersion(manifest, provider, batchers["generator"], batchers["discriminator"])
 
 
