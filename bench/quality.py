@@ -1,7 +1,7 @@
 """Quality: a plain pytorch/examples-style DCGAN against the project's MNIST preset, same epochs.
 
-Both train in this run on the same data (28x28, ngf/ndf 64, Adam 2e-4/0.5; the reference uses
-batch 128, BCE, non-saturating G loss, no EMA), then each draws 10k samples and is scored with
+Both train in this run on the same data (28x28, ngf/ndf 64); the reference is the plain DCGAN
+(no extra layers, BatchNorm D, Adam 2e-4/0.5, batch 128, BCE, non-saturating G loss, no EMA), then each draws 10k samples and is scored with
 the same classifier metrics (training.metrics). Optionally also scores a finished run (the
 committed default model's) against the same reference. Also reports the toy ring preset over
 several seeds. Writes bench/results/quality.json and both sample grids.
@@ -37,9 +37,10 @@ TOY_HELD_OUT_SEED = 10_000  # the in-training evaluations draw their latents fro
 
 
 def train_reference(data_dir: str, epochs: int, seed: int = 0) -> torch.nn.Module:
-    """pytorch/examples/dcgan (bench.reference) on the preset's architecture, batch 128."""
+    """pytorch/examples/dcgan (bench.reference): the plain DCGAN at the preset's widths, batch 128."""
+    plain = {"spectral_norm": False, "d_extra_layers": 0, "g_extra_layers": 0}
     config = load_config("mnist", overrides=[{"data": {"path": data_dir}, "optim": {"batch_size": 128},
-                                              "model": {"spectral_norm": False}, "run": {"seed": seed}}])
+                                              "model": plain, "run": {"seed": seed}}])
     reference = ReferenceDCGAN(config, seed)
     batches = build_batches(config)
     for epoch in range(epochs):

@@ -1,6 +1,6 @@
 """The baseline the benchmarks measure against: pytorch/examples/dcgan's training loop.
 
-Same architecture as the project's MNIST preset (training.models), Adam 2e-4 / beta1 0.5, BCE
+Networks from training.models (the caller's config picks them), Adam 2e-4 / beta1 0.5, BCE
 with the non-saturating G loss, no EMA; logits + BCEWithLogits instead of sigmoid + BCE.
 """
 

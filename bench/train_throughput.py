@@ -72,6 +72,7 @@ def main() -> None:
     print(f"ratio project/reference: {ratio:.3f} (target >= 1.0)")
     m, o = config.model, config.optim
     label = (f"mnist preset: 28x28, ngf {m.ngf}, ndf {m.ndf}, spectral_norm {m.spectral_norm}, "
+             f"extra layers G {m.g_extra_layers} D {m.d_extra_layers}, "
              f"batch {o.batch_size}, loss {config.loss.name}, EMA {config.run.ema_decay}, "
              f"project precision {config.run.precision}")
     save("train_throughput_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}"), {"config": label,

@@ -20,6 +20,23 @@ def test_dcgan_shapes(size, channels):
     assert Discriminator(channels, size, 8, use_spectral_norm=True)(images).shape == (5,)
 
 
+@pytest.mark.parametrize("size", [28, 64])
+def test_extra_layers_deepen_without_changing_shapes_or_plain_names(size):
+    g, d = Generator(16, 1, size, ngf=8, extra_layers=2), Discriminator(1, size, 8, True, extra_layers=1)
+    images = g(torch.randn(3, 16))
+    assert images.shape == (3, 1, size, size) and d(images).shape == (3,)
+    downs = {28: 2, 64: 4}[size]
+    stride_one = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (1, 1)]
+    assert len(stride_one) == downs + 1  # one extra per resolution, and the head
+    assert all(hasattr(m, "parametrizations") for m in stride_one)  # spectral norm on the extras too
+    g_extras = [m for m in g.modules() if type(m) is torch.nn.Conv2d]
+    assert len(g_extras) == 2 * (downs - 1)  # after each hidden upsampling layer, not the output
+    # extra_layers=0 keeps the plain DCGAN's parameter names, so older checkpoints still load
+    plain = Discriminator(1, 28, 8, use_spectral_norm=True).state_dict()
+    assert [k for k in plain if k.endswith("original")] == [
+        f"main.{i}.parametrizations.weight.original" for i in (0, 2, 4)]
+
+
 def test_dcgan_init_statistics(tmp_path):
     g, _ = build_models(tiny_config(tmp_path, model={"ngf": 64, "latent_size": 100}))
     conv = g.main[0].weight

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,12 +61,15 @@ def test_cli_bad_config_file(tmp_path, capsys):
     assert "unknown section [modle]" in capsys.readouterr().err
 
 
-def test_dry_run_console_script():
+def test_dry_run_console_script(tmp_path):
     script = Path(sys.executable).with_name("dcgan-train")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "training.cli"]
-    done = subprocess.run([*command, "--dry-run", "--no-progress"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([*command, "--dry-run", "--no-progress"], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    assert "done: step 4" in done.stderr
+    assert "done: step 4" in done.stderr and str(tmp_path) in done.stderr  # it ran in TMPDIR ...
+    assert list(tmp_path.glob("dcgan-dry-run-*")) == []  # ... and removed its run directory
 
 
 def test_sigterm_writes_checkpoint_and_resumes(tmp_path):

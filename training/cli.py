@@ -7,6 +7,7 @@ checkpoint was written; run the same command again to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -61,29 +62,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
-    try:
-        overrides = _overrides(args)
-        if args.dry_run:
-            is_toy = args.preset in ("ring", "grid")
-            dry = {k: v for k, v in DRY_RUN.items() if not (is_toy and k == "data")}
-            overrides = [dry, {"run": {"run_dir": tempfile.mkdtemp(prefix="dcgan-dry-run-")}}] + overrides
-        config = load_config(args.preset, args.config, overrides)
-        trainer = Trainer(config, force=args.force)
-        log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
-                 trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
-                 trainer.step, trainer.total_steps)
-        result = trainer.train()
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"dcgan-train: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"dcgan-train: training diverged: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dcgan-train: interrupted; checkpoint written, run the same command to resume", file=sys.stderr)
-        return 130
-    metrics = " ".join(f"{k}={v:.4f}" for k, v in result.last_metrics.items())
-    log.info("done: step %d (epoch %.2f) in %s; %s", result.step, result.epoch, result.run_dir, metrics)
+    with contextlib.ExitStack() as cleanup:
+        try:
+            overrides = _overrides(args)
+            if args.dry_run:  # its run directory is removed at the end unless --run-dir names one
+                is_toy = args.preset in ("ring", "grid")
+                dry = {k: v for k, v in DRY_RUN.items() if not (is_toy and k == "data")}
+                run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dcgan-dry-run-"))
+                overrides = [dry, {"run": {"run_dir": run_dir}}] + overrides
+            config = load_config(args.preset, args.config, overrides)
+            trainer = Trainer(config, force=args.force)
+            log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
+                     trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
+                     trainer.step, trainer.total_steps)
+            result = trainer.train()
+        except (ConfigError, DataError, CheckpointError) as exc:
+            print(f"dcgan-train: error: {exc}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as exc:
+            print(f"dcgan-train: training diverged: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("dcgan-train: interrupted; checkpoint written, run the same command to resume", file=sys.stderr)
+            return 130
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in result.last_metrics.items())
+        log.info("done: step %d (epoch %.2f) in %s; %s", result.step, result.epoch, result.run_dir, metrics)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 The layout follows pytorch/examples' dcgan: transposed convolutions + BatchNorm + ReLU + tanh in
 G; strided convolutions + LeakyReLU(0.2) + BatchNorm (not on the first layer) in D, which
-returns a logit. Weights start from N(0, 0.02) (BatchNorm scale from N(1, 0.02)).
+returns a logit. Weights start from N(0, 0.02) (BatchNorm scale from N(1, 0.02)). Optional
+"extra layers" (3x3 stride-1 convolutions, as in the WGAN authors' DCGAN and SN-GAN's CNN
+discriminator) deepen a network at each resolution without changing its input or output.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 class Generator(nn.Module):
     """z (N, latent) -> images (N, C, S, S) in [-1, 1]."""
 
-    def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int):
+    def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int, extra_layers: int = 0):
         super().__init__()
         start, ups = LAYOUTS[image_size]
         width = ngf * 2 ** (ups - 1)
@@ -33,6 +35,8 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
                        nn.BatchNorm2d(width // 2), nn.ReLU(True)]
             width //= 2
+            for _ in range(extra_layers):
+                layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.latent_size = latent_size
         self.main = nn.Sequential(*layers)
@@ -44,21 +48,32 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """images (N, C, S, S) -> logits (N,). Spectral norm, when asked, replaces BatchNorm."""
 
-    def __init__(self, channels: int, image_size: int, ndf: int, use_spectral_norm: bool = False):
+    def __init__(self, channels: int, image_size: int, ndf: int, use_spectral_norm: bool = False,
+                 extra_layers: int = 0):
         super().__init__()
         start, downs = LAYOUTS[image_size]
-        wrap = spectral_norm if use_spectral_norm else (lambda m: m)
-        layers: list[nn.Module] = [wrap(nn.Conv2d(channels, ndf, 4, 2, 1, bias=False)),
-                                   nn.LeakyReLU(0.2, inplace=True)]
+        self._spectral_norm = use_spectral_norm
+        layers = self._block(channels, ndf, 4, 2, normalise=False)
+        for _ in range(extra_layers):
+            layers += self._block(ndf, ndf, 3, 1)
         width = ndf
         for _ in range(downs - 1):
-            layers.append(wrap(nn.Conv2d(width, width * 2, 4, 2, 1, bias=False)))
-            if not use_spectral_norm:
-                layers.append(nn.BatchNorm2d(width * 2))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            layers += self._block(width, width * 2, 4, 2)
             width *= 2
-        layers.append(wrap(nn.Conv2d(width, 1, start, 1, 0, bias=False)))
+            for _ in range(extra_layers):
+                layers += self._block(width, width, 3, 1)
+        head = nn.Conv2d(width, 1, start, 1, 0, bias=False)
+        layers.append(spectral_norm(head) if use_spectral_norm else head)
         self.main = nn.Sequential(*layers)
+
+    def _block(self, fan_in: int, fan_out: int, kernel: int, stride: int, normalise: bool = True) -> list[nn.Module]:
+        """conv + LeakyReLU(0.2): spectral norm on the weights, or else BatchNorm (if ``normalise``).
+        A flat list, so that checkpoints keep the layer names of the plain DCGAN."""
+        conv = nn.Conv2d(fan_in, fan_out, kernel, stride, (kernel - 1) // 2, bias=False)
+        if self._spectral_norm:
+            return [spectral_norm(conv), nn.LeakyReLU(0.2, inplace=True)]
+        norm = [nn.BatchNorm2d(fan_out)] if normalise else []
+        return [conv, *norm, nn.LeakyReLU(0.2, inplace=True)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.main(images).reshape(-1)
@@ -114,8 +129,8 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
         generator: nn.Module = ToyGenerator(m.latent_size, m.toy_hidden, m.toy_layers)
         discriminator: nn.Module = ToyDiscriminator(m.toy_hidden, m.toy_layers)
     else:
-        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf)
-        discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm)
+        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf, m.g_extra_layers)
+        discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm, m.d_extra_layers)
     if config.kind == "dcgan":  # dense toys keep PyTorch's default (Kaiming-uniform) init
         generator.apply(dcgan_init)
         discriminator.apply(dcgan_init)
