@@ -1,12 +1,13 @@
 """Quality: a plain pytorch/examples-style DCGAN against the project's MNIST preset, same epochs.
 
 Both train in this run on the same data (28x28, ngf/ndf 64); the reference is the plain DCGAN
-(no extra layers, BatchNorm D, Adam 2e-4/0.5, batch 128, BCE, non-saturating G loss, no EMA), then each draws 10k samples and is scored with
-the same classifier metrics (training.metrics). Optionally also scores a finished run (the
-committed default model's) against the same reference. Also reports the toy ring preset over
-several seeds. Writes bench/results/quality.json and both sample grids.
+(no extra layers, BatchNorm D, Adam 2e-4/0.5, batch 128, BCE, non-saturating G loss, no EMA).
+Each then draws 10k samples and is scored with the same classifier metrics (training.metrics).
+Optionally also scores a finished run (the committed default model's) against the same
+reference. Also reports the toy ring preset over several seeds. Writes
+bench/results/quality.json and both sample grids.
 
-    .venv/bin/python bench/quality.py --epochs 5 --extra-run runs/mnist-default
+    .venv/bin/python bench/quality.py --epochs 5 --extra-run runs/mnist-v7
 """
 
 from __future__ import annotations
