@@ -2,7 +2,8 @@
 
 It answers every Sample with one precomputed 28x28 uint8 image and every Score with 64 fixed
 scores, so the calls/s it reaches with the serving benchmark's clients is what the transport
-alone allows on this machine; no amount of batching in the real server can beat it. Started by bench/serve_throughput.py:
+alone allows on this machine; no amount of batching in the real server can beat it. Started by
+bench/serve_throughput.py:
 
     .venv/bin/python -m bench.grpc_floor --port 0     # prints "listening on port N"
 """

@@ -75,11 +75,11 @@ def main() -> None:
              f"extra layers G {m.g_extra_layers} D {m.d_extra_layers}, "
              f"batch {o.batch_size}, loss {config.loss.name}, EMA {config.run.ema_decay}, "
              f"project precision {config.run.precision}")
-    save("train_throughput_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}"), {"config": label,
-                                  "steps_per_repeat": args.steps, "repeats": args.repeats,
-                                  "images_per_second": rates,
-                                  "median_images_per_second": {k: median(v) for k, v in rates.items()},
-                                  "ratio_project_over_reference": ratio})
+    name = "train_throughput_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}")
+    save(name, {"config": label, "steps_per_repeat": args.steps, "repeats": args.repeats,
+                "images_per_second": rates,
+                "median_images_per_second": {k: median(v) for k, v in rates.items()},
+                "ratio_project_over_reference": ratio})
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ class Trainer:
         """Share of the run done, 0 to 1: a pure function of the step (no scheduler state), so a
         resumed run follows exactly the schedules of an uninterrupted one. The length is the
         configured epochs (``run.max_steps`` only stops a run early)."""
-        return min(1.0, self.step / (self.config.run.epochs * self.steps_per_epoch))
+        return min(1.0, self.step / self.planned_steps)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         """Apply the decay schedule (see :meth:`_progress`)."""
@@ -226,9 +226,15 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     @property
+    def planned_steps(self) -> int:
+        """Steps in the configured epochs: the length the schedules are drawn over."""
+        return self.config.run.epochs * self.steps_per_epoch
+
+    @property
     def total_steps(self) -> int:
-        total = self.config.run.epochs * self.steps_per_epoch
-        return min(total, self.config.run.max_steps) if self.config.run.max_steps else total
+        """Steps this run will take: the planned ones, or fewer if ``run.max_steps`` says so."""
+        planned, limit = self.planned_steps, self.config.run.max_steps
+        return min(planned, limit) if limit else planned
 
     def train(self) -> TrainResult:
         """Train until the configured epochs or max_steps; Ctrl-C saves a checkpoint first."""
