@@ -65,11 +65,31 @@ def decode_image(data: bytes, channels: int = 0, size: int | None = None) -> np.
             if size is not None and img.size != (size, size):
                 raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
             img.load()
-            grayscale = channels == 1 or (channels == 0 and img.mode in ("L", "1", "I", "I;16", "LA"))
-            converted = img.convert("L" if grayscale else "RGB")
+            converted = to_8bit(img, channels)
     except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from exc
     return pil_to_chw(converted)
+
+
+#: Pillow modes of 16-bit grayscale files (PNG opens as I;16, older Pillow as I).
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+GRAY_MODES = ("L", "1", "LA", "La", *WIDE_GRAY_MODES)
+
+
+def to_8bit(img: Image.Image, channels: int = 0) -> Image.Image:
+    """``img`` in mode L (``channels`` 1) or RGB (3); 0 keeps grayscale files grayscale.
+
+    16-bit grayscale is scaled to 8 bits (65535 -> 255), never clipped: Pillow's own convert()
+    clips it, so one picture would read differently as a 16-bit and an 8-bit file. Float
+    images have no agreed range and are refused.
+    """
+    if img.mode == "F":
+        raise ValueError("32-bit float images have no defined pixel range; save as 8- or 16-bit")
+    if img.mode in WIDE_GRAY_MODES:
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
+    grayscale = channels == 1 or (channels == 0 and img.mode in GRAY_MODES)
+    return img.convert("L" if grayscale else "RGB")
 
 
 def pil_to_chw(img: Image.Image) -> np.ndarray:

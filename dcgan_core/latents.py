@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 SEED_MAX = 2**63 - 1
+#: Largest |z| accepted in explicit latents. Standard normals never come near it (P(|z| > 6) is
+#: 2e-9); beyond it float32 layers overflow and a generator returns NaN instead of an image.
+MAX_ABS_LATENT = 1000.0
 
 
 def latents(seed: int, count: int, size: int) -> np.ndarray:

@@ -8,11 +8,14 @@ version and file.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +29,21 @@ REPOSITORY_CONFIG = "repository.json"
 KINDS = ("dcgan", "toy2d")
 
 
+STAGING_PREFIX = ".staging-"
+STAGING_LOCK = ".owner.lock"  # held (flock) by the exporter building the folder; stale when free
+MAX_NAME_LENGTH = 255  # a model name is a folder name
+
+#: What a version looked like on disk: (relative path, size, mtime_ns) of each file, or the error
+#: that prevented looking. A FAILED version whose fingerprint changed is worth loading again.
+Fingerprint = tuple
+
+
 class RepositoryError(RuntimeError):
     """A repository, model, version or file that cannot be used, and why."""
+
+
+class RepositoryUnavailable(RepositoryError):
+    """The repository root itself is missing or cannot be listed (a vanished mount, permissions)."""
 
 
 @dataclass(frozen=True)
@@ -121,26 +137,55 @@ class Repository:
         self.root = Path(root)
 
     def models(self) -> list[str]:
-        if not self.root.is_dir():
-            raise RepositoryError(f"model repository {self.root} does not exist")
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        try:
+            return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            raise RepositoryUnavailable(f"model repository {self.root} does not exist") from None
+        except OSError as exc:
+            raise RepositoryUnavailable(f"model repository {self.root} cannot be read: {exc.strerror}") from None
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, ascending (temporary and odd folders are ignored)."""
         folder = self.root / name
         if not folder.is_dir():
             raise RepositoryError(f"model {name!r} not found in {self.root}")
-        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        try:
+            return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        except OSError as exc:
+            raise RepositoryError(f"model {name!r}: folder {folder} cannot be read: {exc.strerror}") from None
+
+    def fingerprint(self, name: str, version: int) -> Fingerprint:
+        """The version folder's files as (path, size, mtime_ns); never raises."""
+        folder = self.version_dir(name, version)
+        try:
+            return tuple(sorted((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
+                                for p in folder.rglob("*") for st in [p.stat()]))
+        except OSError as exc:
+            return (("unreadable", exc.errno, str(exc)),)
+
+    def snapshot(self) -> Fingerprint:
+        """Everything a rescan looks at: every version's fingerprint and repository.json's stat."""
+        config = self.root / REPOSITORY_CONFIG
+        try:
+            config_stat = (config.stat().st_mtime_ns, config.stat().st_size) if config.exists() else None
+            return (config_stat, *((name, version, self.fingerprint(name, version))
+                                   for name in self.models() for version in self.versions(name)))
+        except (OSError, RepositoryError) as exc:
+            return (("unreadable", str(exc)),)
 
     def default_model(self) -> str:
         """``default_model`` from repository.json, else the only/first model by name."""
         config = self.root / REPOSITORY_CONFIG
         if config.exists():
             try:
-                name = json.loads(config.read_text())["default_model"]
+                name = json.loads(config.read_bytes())["default_model"]
+            except OSError as exc:
+                raise RepositoryError(f"{config} cannot be read: {exc.strerror}") from None
             except (ValueError, KeyError, TypeError) as exc:
-                raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc})") from exc
-            return str(name)
+                raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc!r})") from None
+            if not isinstance(name, str) or not name:
+                raise RepositoryError(f"{config}: default_model must be a model name, got {name!r}")
+            return name
         models = self.models()
         if not models:
             raise RepositoryError(f"model repository {self.root} holds no models")
@@ -156,10 +201,12 @@ class Repository:
         if not folder.is_dir():
             raise RepositoryError(f"{where} not found in {self.root}")
         try:
-            data = json.loads((folder / MANIFEST_NAME).read_text())
+            data = json.loads((folder / MANIFEST_NAME).read_bytes())
         except FileNotFoundError:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is missing") from None
-        except ValueError as exc:
+        except OSError as exc:
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} cannot be read: {exc.strerror}") from None
+        except ValueError as exc:  # not UTF-8 (UnicodeDecodeError) or not JSON
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is not a JSON object")
@@ -185,29 +232,77 @@ class Repository:
         """Build a version in a temporary folder and rename it to the next version number.
 
         ``build(folder)`` writes the files and returns the manifest with ``version=0``; the
-        final number is filled in here. A crash before the rename leaves only a hidden folder.
+        final number is filled in here. A crash before the rename leaves only a hidden folder,
+        which the next publish removes once no live process holds its lock.
         """
-        if not name or name.startswith(".") or os.sep in name or name != name.strip():
-            raise RepositoryError(f"invalid model name {name!r}")
+        if (not name or name.startswith(".") or os.sep in name or name != name.strip()
+                or len(name) > MAX_NAME_LENGTH):
+            raise RepositoryError(f"invalid model name {name[:MAX_NAME_LENGTH]!r}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-        staging.chmod(0o755)
+        remove_stale_staging(model_dir)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+        owner = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(owner, fcntl.LOCK_EX)
         try:
-            draft = build(staging)
-            while True:
-                version = max(self.versions(name), default=0) + 1
-                manifest = Manifest(**{**draft.__dict__, "name": name, "version": version})
-                atomic_write_text(staging / MANIFEST_NAME, manifest.to_json())
-                for path in staging.iterdir():
-                    path.chmod(0o444)  # published versions are immutable
-                try:
-                    os.rename(staging, model_dir / str(version))
-                    break
-                except OSError:  # another exporter took this number first
-                    (staging / MANIFEST_NAME).unlink()
+            staging.chmod(0o755)
+            manifest = self._build_and_rename(name, staging, build)
             fsync_dir(model_dir)
             return manifest
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            os.close(owner)
+
+    def _build_and_rename(self, name: str, staging: Path, build: Callable[[Path], Manifest]) -> Manifest:
+        draft = build(staging)
+        (staging / STAGING_LOCK).unlink()  # the lock stays held through its open descriptor
+        for _ in range(100):
+            version = max(self.versions(name), default=0) + 1
+            target = self.version_dir(name, version)
+            if os.path.lexists(target) and not target.is_dir():
+                raise RepositoryError(f"{target} exists and is not a version folder; move it away")
+            manifest = Manifest(**{**draft.__dict__, "name": name, "version": version})
+            atomic_write_text(staging / MANIFEST_NAME, manifest.to_json())
+            for path in staging.iterdir():
+                path.chmod(0o444)  # published versions are immutable
+            try:
+                os.rename(staging, target)
+                return manifest
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
+                    raise RepositoryError(f"cannot publish {target}: {exc.strerror}") from None
+                (staging / MANIFEST_NAME).unlink()  # another exporter took this number first
+        raise RepositoryError(f"could not publish model {name!r}: 100 version numbers were taken meanwhile")
+
+
+def remove_stale_staging(model_dir: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove staging folders left by killed exporters: their lock is free (or, for a folder
+    without one, it is older than ``min_age_s``, past the instant between mkdtemp and lock)."""
+    removed = []
+    for folder in model_dir.glob(f"{STAGING_PREFIX}*"):
+        if _owned_by_live_process(folder, min_age_s):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _owned_by_live_process(folder: Path, min_age_s: float) -> bool:
+    try:
+        fd = os.open(folder / STAGING_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime < min_age_s
+        except OSError:
+            return True
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -83,18 +83,23 @@ class DynamicBatcher:
 
     def submit(self, inputs: np.ndarray, deadline: float | None = None,
                is_active: Callable[[], bool] = lambda: True) -> Future:
-        """Queue ``inputs`` (a batch of 1+ items); the future resolves to their outputs."""
-        pieces = max(1, min(self.workers, len(inputs) // self.min_piece))
-        parts = [inputs] if pieces == 1 else np.array_split(inputs, pieces)
-        requests = [_Request(part, deadline, is_active, pieces > 1) for part in parts]
+        """Queue ``inputs`` (a batch of 1+ items); the future resolves to their outputs.
+
+        Admission and queueing are one step under the lock, and a request is cut into no more
+        pieces than the queue has free places, so the queue never holds more than ``max_queue``.
+        """
         with self._cond:
             if self._stopped:
                 raise Stopped("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            free = self.max_queue - len(self._queue)
+            if free <= 0:
                 raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
+            pieces = max(1, min(self.workers, len(inputs) // self.min_piece, free))
+            parts = [inputs] if pieces == 1 else np.array_split(inputs, pieces)
+            requests = [_Request(part, deadline, is_active, pieces > 1) for part in parts]
             self._queue.extend(requests)
             self._queued_items += len(inputs)
-            self._cond.notify()
+            self._cond.notify_all() if pieces > 1 else self._cond.notify()
         return requests[0].future if pieces == 1 else _joined([r.future for r in requests])
 
     def depth(self) -> int:

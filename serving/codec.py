@@ -14,17 +14,31 @@ from serving.errors import InvalidArgument
 DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
 
 
+MAX_TENSOR_DIMS = 8  # the API's tensors have 2 (latents, points) or 4 (images) dimensions
+MAX_ELEMENTS = 2**31 - 1  # bounds every dimension and their product (zeros counted as 1)
+
+
+def check_tensor(shape: list[int], dtype_code: int, data_size: int, what: str) -> np.dtype:
+    """Validate a Tensor's header before numpy sees it: numpy itself fails on more than 64
+    dimensions or sizes past int64, with errors no client should get."""
+    if dtype_code not in DTYPES:
+        raise InvalidArgument(f"{what}: dtype must be DTYPE_UINT8 or DTYPE_FLOAT32, got {dtype_code}")
+    if not 1 <= len(shape) <= MAX_TENSOR_DIMS:
+        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; 1..{MAX_TENSOR_DIMS} allowed")
+    if any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what}: shape {shape} is invalid: dimensions must be >= 0 and their "
+                              f"product (zeros counted as 1) at most {MAX_ELEMENTS}")
+    dtype = DTYPES[dtype_code]
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if data_size != expected:
+        raise InvalidArgument(f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {data_size}")
+    return dtype
+
+
 def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
     """A Tensor message as a numpy array, with precise errors for inconsistent messages."""
-    if tensor.dtype not in DTYPES:
-        raise InvalidArgument(f"{what}: dtype must be DTYPE_UINT8 or DTYPE_FLOAT32")
     shape = list(tensor.shape)
-    if not shape or any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: shape {shape} is invalid")
-    dtype = DTYPES[tensor.dtype]
-    expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
-        raise InvalidArgument(f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}")
+    dtype = check_tensor(shape, tensor.dtype, len(tensor.data), what)
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 

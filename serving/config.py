@@ -13,6 +13,40 @@ class ServeConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model to serve (Triton's policies): ``all``, ``latest:N``, ``specific:V1,V2``.
+
+    ``latest`` counts only versions that loaded, newest first, so a broken new version never pushes
+    out a working older one.
+    """
+
+    kind: str  # all | latest | specific
+    latest: int = 0
+    versions: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> "VersionPolicy":
+        kind, _, arg = str(text).partition(":")
+        try:
+            if kind == "all" and not arg:
+                return cls("all")
+            if kind == "latest" and int(arg) >= 1:
+                return cls("latest", latest=int(arg))
+            if kind == "specific" and arg:
+                return cls("specific", versions=frozenset(int(v) for v in arg.split(",")))
+        except ValueError:
+            pass
+        raise ServeConfigError(f"version policy {text!r}: expected all, latest:N or specific:V1,V2")
+
+    def selects(self, version: int) -> bool:
+        return self.kind != "specific" or version in self.versions
+
+    def enough(self, ready: int) -> bool:
+        """True once ``ready`` loaded versions satisfy the policy (newest first)."""
+        return self.kind == "latest" and ready >= self.latest
+
+
 @dataclass
 class ServeConfig:
     repository: str = "exported"
@@ -32,6 +66,7 @@ class ServeConfig:
     batch_workers: int = 0  # threads running batches per network (0: one per CPU core; 1 on CUDA)
     ort_threads: int = 0  # onnxruntime intra-op threads per session (0: 1 with several workers, else its default)
     metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
+    metrics_host: str = ""  # its bind address ("": the gRPC host's, so --host 127.0.0.1 keeps it local)
     version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
     version_policies: dict = field(default_factory=dict)  # per model name, overrides version_policy
     poll_s: float = 2.0  # repository rescan interval (0: only on SIGHUP / ReloadModels)
@@ -59,14 +94,12 @@ class ServeConfig:
             raise ServeConfigError("tls_cert and tls_key go together")
         if self.auth_token_file and not self.tls_cert:
             raise ServeConfigError("auth_token_file needs TLS (tls_cert and tls_key): tokens must not travel in clear")
-        from serving.store import parse_policy
-
         for policy in [self.version_policy, *self.version_policies.values()]:
-            try:
-                parse_policy(str(policy))
-            except ValueError as exc:
-                raise ServeConfigError(str(exc)) from None
+            VersionPolicy.parse(policy)
         return self
+
+    def policy(self, model: str) -> VersionPolicy:
+        return VersionPolicy.parse(self.version_policies.get(model, self.version_policy))
 
 
 def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
@@ -76,9 +109,9 @@ def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConf
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            values.update(tomllib.loads(path.read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ServeConfigError(f"cannot read config file {path}: {exc}") from exc
+            values.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ServeConfigError(f"cannot read config file {path}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key, value in values.items():
         if key not in names:

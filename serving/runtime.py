@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dcgan_core.repository import NetworkSpec, RepositoryError
+
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
@@ -75,6 +77,17 @@ class OnnxNetwork:
         self.output_name = self.session.get_outputs()[0].name
         self.path = path
         log.info("loaded %s on %s", path, self.provider)
+
+    def check_signature(self, network: str, spec: NetworkSpec) -> None:
+        """The file must be the network the manifest says (a swapped or foreign file is refused
+        here, with both signatures, instead of failing on the first request)."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        actual = [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]]) for t in (inputs[0], outputs[0])]
+        expected = [(spec.input_name, list(spec.input_shape[1:])), (spec.output_name, list(spec.output_shape[1:]))]
+        if len(inputs) != 1 or len(outputs) != 1 or actual != expected:
+            show = lambda sig: " -> ".join(f"{n!r} [N, {', '.join(map(str, s))}]" for n, s in sig)  # noqa: E731
+            raise RepositoryError(f"{self.path.name} maps {show(actual)}, but the manifest's {network} "
+                                  f"maps {show(expected)} (wrong or swapped file)")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs for a float32 batch; on CUDA through IOBinding (output copied back once)."""

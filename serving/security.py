@@ -15,6 +15,24 @@ import grpc
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
+def read_token(path: str) -> str:
+    """The bearer token in ``path``; an empty, unreadable or non-ASCII file is refused, never
+    taken as "no token" (which would let every caller in)."""
+    from serving.config import ServeConfigError
+
+    try:
+        token = Path(path).read_bytes().decode("ascii").strip()
+    except OSError as exc:
+        raise ServeConfigError(f"auth_token_file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ServeConfigError(f"auth_token_file {path} must hold an ASCII token (it goes in gRPC metadata)") from None
+    if not token:
+        raise ServeConfigError(f"auth_token_file {path} is empty: put the token clients must send in it")
+    if any(not ch.isprintable() or ch.isspace() for ch in token):
+        raise ServeConfigError(f"auth_token_file {path} must hold one token on one line, without spaces")
+    return token
+
+
 def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
 
@@ -35,6 +53,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls (other than health checks) whose bearer token is missing or wrong."""
 
     def __init__(self, token: str):
+        if not token:
+            raise ValueError("an empty bearer token would admit every caller")
         self._token = token.encode()
 
         async def deny(request, context: grpc.aio.ServicerContext):

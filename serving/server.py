@@ -26,11 +26,13 @@ from grpc_reflection.v1alpha import reflection
 
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
-from dcgan_core.repository import Repository, RepositoryError
+from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
+from serving import security
 from serving.config import ServeConfig, ServeConfigError, load_serve_config
+from serving.decoding import DecodeErrorInterceptor
+from serving.errors import FailedPrecondition, ServiceError, Unavailable
 from serving.metrics import ServingMetrics
 from serving.runtime import RuntimeUnavailable, providers_for
-from serving.security import BearerTokenInterceptor, server_credentials
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
 from serving.store import ModelStore, RepositoryWatcher
@@ -45,6 +47,7 @@ class InferenceServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         providers_for(config.device)  # fail fast on an impossible --device
+        self._token = security.read_token(config.auth_token_file) if config.auth_token_file else None
         self.metrics = ServingMetrics()
         self.store = ModelStore(Repository(config.repository), config, self.metrics)
         self.store.load()
@@ -69,10 +72,11 @@ class InferenceServer:
         """Create the aio server on its loop, register the services, bind; returns the port."""
         config = self.config
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes)]
-        interceptors = []
-        if config.auth_token_file:
-            interceptors.append(BearerTokenInterceptor(Path(config.auth_token_file).read_text().strip()))
+                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]  # a second server on a used port must fail, not share it
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeErrorInterceptor()]
+        if self._token is not None:
+            interceptors.insert(0, security.BearerTokenInterceptor(self._token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
@@ -82,12 +86,16 @@ class InferenceServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            port = self.server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
-        else:
-            port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert:
+                port = self.server.add_secure_port(address, security.server_credentials(config.tls_cert, config.tls_key))
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
+            raise OSError(f"cannot listen on {address}: the port is in use by another process "
+                          f"or the address is not available on this host")
         return port
 
     def _close_loop(self) -> None:
@@ -96,9 +104,28 @@ class InferenceServer:
         self._loop.close()
 
     def reload(self) -> None:
-        """Rescan the repository now (ReloadModels RPC, SIGHUP)."""
-        self.store.rescan()
-        self.update_health()
+        """Rescan the repository now (ReloadModels RPC, SIGHUP); a repository-level problem is
+        raised as the status it means, after everything else was reloaded."""
+        try:
+            self.store.rescan()
+        except RepositoryUnavailable as exc:
+            raise Unavailable(f"{exc}; still serving the versions loaded before") from None
+        except RepositoryError as exc:
+            raise FailedPrecondition(f"{exc}; everything else was reloaded") from None
+        finally:
+            self.update_health()
+
+    def reload_logged(self) -> None:
+        """``reload`` for SIGHUP, where nobody receives a status: problems go to the log."""
+        try:
+            self.reload()
+        except ServiceError as exc:
+            log.error("reload: %s", exc)
+        log.info("reload done: %s", self.describe())
+
+    def describe(self) -> str:
+        return "; ".join(f"{name} {entry.ready() or 'no ready version'}"
+                         for name, entry in sorted(self.store.models().items())) or "no models"
 
     def start(self) -> "InferenceServer":
         self._on_loop(self.server.start())
@@ -106,9 +133,10 @@ class InferenceServer:
         if self.watcher:
             self.watcher.start()
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port)
-            log.info("Prometheus metrics on port %d", self.metrics_port)
-        log.info("serving %s on port %d", ", ".join(self.store.models()) or "no models", self.port)
+            host = self.config.metrics_host or self.config.host.strip("[]")
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, host)
+            log.info("Prometheus metrics on %s port %d", host, self.metrics_port)
+        log.info("serving %s on port %d", self.describe(), self.port)
         return self
 
     def update_health(self) -> None:
@@ -167,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")
+    parser.add_argument("--metrics-host", help="metrics bind address (default: the --host address)")
     parser.add_argument("--tls-cert", help="PEM certificate (chain) for TLS")
     parser.add_argument("--tls-key", help="PEM private key for TLS")
     parser.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' (token in this file)")
@@ -177,22 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signals = _SignalState.install()  # before loading: a SIGHUP or SIGTERM during start-up must not kill
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
     try:
         config = load_serve_config(config_file, args)
+        log.info("starting: loading models from %s", config.repository)
         server = InferenceServer(config).start()
     except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:
         print(f"dcgan-serve: error: {exc}", file=sys.stderr)
         return 2
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload, name="sighup").start())
     print(f"dcgan-serve: listening on port {server.port}", flush=True)
-    done.wait()
+    signals.serve(server)
     server.stop()
     return 0
+
+
+class _SignalState:
+    """SIGTERM/SIGINT end the server, SIGHUP rescans the repository. Installed first thing, so a
+    signal during start-up is remembered (a reload runs once the server is up) instead of killing."""
+
+    def __init__(self) -> None:
+        self.done, self.reload_pending = threading.Event(), threading.Event()
+        self.server: InferenceServer | None = None
+
+    @classmethod
+    def install(cls) -> "_SignalState":
+        state = cls()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: state.done.set())
+        signal.signal(signal.SIGHUP, lambda *_: state.hangup())
+        return state
+
+    def hangup(self) -> None:
+        if self.server is None:
+            self.reload_pending.set()
+        else:
+            threading.Thread(target=self.server.reload_logged, name="sighup").start()
+
+    def serve(self, server: InferenceServer) -> None:
+        self.server = server
+        if self.reload_pending.is_set():
+            self.hangup()
+        self.done.wait()
 
 
 if __name__ == "__main__":

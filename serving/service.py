@@ -23,7 +23,7 @@ from dcgan_core import latents as latent_rng
 from dcgan_core.repository import Manifest
 from serving.batcher import DynamicBatcher, Expired, QueueFull, Stopped
 from serving.config import ServeConfig
-from serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from serving.store import LoadedVersion, ModelStore
 
 IMAGE_RANGE_SLACK = 1e-3  # float32 images may exceed [-1, 1] by rounding, not more
@@ -58,6 +58,12 @@ class ScoreResult:
     @property
     def probabilities(self) -> np.ndarray:
         return probabilities(self.logits)
+
+
+def _first_non_finite(outputs: np.ndarray) -> int | None:
+    """Index of the first item of a batch with a NaN or infinite value, if any."""
+    bad = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -171,8 +177,12 @@ class InferenceService:
                 raise InvalidArgument(f"count is {count} but latents have {len(explicit)} rows")
             if seed is not None:
                 raise InvalidArgument("give either seed or latents, not both")
-            if not np.all(np.isfinite(explicit)):
-                raise InvalidArgument("latents contain NaN or infinite values")
+            outside = ~(np.abs(explicit) <= latent_rng.MAX_ABS_LATENT)  # NaN compares False: caught too
+            if outside.any():
+                row, column = (int(i) for i in np.argwhere(outside)[0])
+                raise InvalidArgument(f"latents[{row}, {column}] = {float(explicit[row, column])}: entries must "
+                                      f"be finite (no NaN or infinite values) with |z| <= "
+                                      f"{latent_rng.MAX_ABS_LATENT:g}")
             count = len(explicit)
         self.check_count(count)
         if explicit is not None:
@@ -190,6 +200,10 @@ class InferenceService:
     async def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
                      call: Call) -> SampleResult:
         samples = await self._run(loaded.generator, z, call)
+        bad = _first_non_finite(samples)
+        if bad is not None:  # never an OK answer with NaN pixels (they would encode as zeros)
+            raise Internal(f"model {loaded.manifest.name!r} version {loaded.manifest.version}: the generator "
+                           f"produced NaN or infinite values for sample {bad}")
         logits = await self._run(loaded.discriminator, samples, call) if include_scores else None
         return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits)
 
@@ -217,6 +231,10 @@ class InferenceService:
     async def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call) -> ScoreResult:
         self.check_score_inputs(loaded.manifest, inputs)
         logits = await self._run(loaded.discriminator, inputs.astype(np.float32, copy=False), call)
+        bad = _first_non_finite(logits)
+        if bad is not None:
+            raise InvalidArgument(f"input {bad} gives a NaN or infinite logit: its values are too large "
+                                  f"for model {loaded.manifest.name!r}")
         return ScoreResult(loaded.manifest, loaded.provider, logits)
 
     def chunks(self, count: int, chunk_size: int) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,11 +21,13 @@ import numpy as np
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from serving import codec
-from serving.errors import ResourceExhausted, ServiceError
+from serving.errors import Internal, ResourceExhausted, ServiceError, bounded
 from serving.metrics import ServingMetrics
 from serving.service import Call, InferenceService, SampleResult, probabilities
 from serving.store import FAILED, READY, ModelEntry
 
+log = logging.getLogger(__name__)
+UNKNOWN_MODEL = "unknown"  # the metrics label of calls naming no served model
 VERSION_STATES = {READY: pb.VERSION_STATE_READY, FAILED: pb.VERSION_STATE_FAILED}
 BYTES_PER_VALUE = {pb.ENCODING_RAW_FLOAT32: 4, pb.ENCODING_RAW_UINT8: 1, pb.ENCODING_PNG: 1}
 
@@ -46,10 +49,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count and time the call; a ServiceError becomes the gRPC status it names.
+        """Count and time the call; a ServiceError becomes the gRPC status it names, anything
+        unexpected INTERNAL (logged with its traceback), never grpc's UNKNOWN.
 
         The call is counted before the status goes out, so a client that has its answer can
-        already see it in the metrics.
+        already see it in the metrics. The model label is a served model's name or ``unknown``:
+        names sent by clients never become label values (each would be a time series forever).
         """
         start, code, error = time.perf_counter(), "OK", None
         try:
@@ -59,14 +64,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception:
-            code = "INTERNAL"
-            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for one call
+            log.exception("%s failed unexpectedly", method)
+            code, error = "INTERNAL", Internal(f"internal error in {method} ({type(exc).__name__}); "
+                                               f"the server logged the details")
         finally:
-            self.metrics.requests.labels(method, model or self.service.store.default_model, code).inc()
+            self.metrics.requests.labels(method, self._model_label(model), code).inc()
             self.metrics.request_latency.labels(method).observe(time.perf_counter() - start)
         if error is not None:
-            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+            await context.abort(getattr(grpc.StatusCode, error.code), bounded(str(error)))
+
+    def _model_label(self, model: str) -> str:
+        store = self.service.store
+        name = model or store.default_model
+        return name if name in store.models() else UNKNOWN_MODEL
 
     def _prepare_sample(self, request: pb.SampleRequest, loaded):
         encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
@@ -153,7 +164,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return self._list_models()
+        async with self._rpc("ListModels", "", context):
+            return self._list_models()
 
     def _list_models(self) -> pb.ListModelsResponse:
         store = self.service.store

@@ -9,20 +9,24 @@ policy stops taking new calls and is unloaded once its in-flight calls finish.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from dcgan_core.repository import Manifest, Repository, RepositoryError
+from dcgan_core.repository import MANIFEST_NAME, Fingerprint, Manifest, Repository, RepositoryError
 from serving.batcher import BatchStats, DynamicBatcher
 from serving.config import ServeConfig
-from serving.errors import NotFound
+from serving.errors import NotFound, quoted
 from serving.metrics import ServingMetrics
 from serving.runtime import OnnxNetwork, execution_plan
 
 log = logging.getLogger(__name__)
 READY, FAILED = "READY", "FAILED"
+MAX_REASON = 500  # characters of a load failure kept for ListModels (one line)
+MAX_MANIFEST_BYTES = 256 * 1024  # larger manifests are not echoed in ListModels
 
 
 @dataclass
@@ -74,6 +78,7 @@ class VersionEntry:
     loaded: LoadedVersion | None = None
     error: str = ""
     manifest_json: str = ""
+    fingerprint: Fingerprint = ()  # the files as they were when this entry was made
 
 
 @dataclass
@@ -83,21 +88,6 @@ class ModelEntry:
 
     def ready(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state == READY)
-
-
-def parse_policy(text: str) -> tuple[str, int | set[int] | None]:
-    """``all``, ``latest:N`` or ``specific:1,3``."""
-    kind, _, arg = text.partition(":")
-    try:
-        if kind == "all" and not arg:
-            return "all", None
-        if kind == "latest" and int(arg) >= 1:
-            return "latest", int(arg)
-        if kind == "specific" and arg:
-            return "specific", {int(v) for v in arg.split(",")}
-    except ValueError:
-        pass
-    raise ValueError(f"version policy {text!r}: expected all, latest:N or specific:V1,V2")
 
 
 def _observer(metrics: ServingMetrics, model: str, network: str):
@@ -118,6 +108,7 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
     for net in ("generator", "discriminator"):
         spec = getattr(manifest, net)
         network = OnnxNetwork(folder / spec.file, config.device, threads)
+        network.check_signature(net, spec)
         network.warm_up(tuple(spec.input_shape[1:]), (1, config.max_batch_size))
         networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,
@@ -132,14 +123,26 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
     return LoadedVersion(manifest, provider, batchers["generator"], batchers["discriminator"])
 
 
+def failure_reason(exc: Exception) -> str:
+    """One line for an operator: repository errors speak for themselves, others get their type."""
+    text = str(exc) if isinstance(exc, RepositoryError) else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
 class ModelStore:
-    """Every model of a repository and the state of each of its versions."""
+    """Every model of a repository and the state of each of its versions.
+
+    One boundary (``_load_entry``) turns any failure of one version into FAILED with its reason;
+    models are refreshed in parallel, each under its own lock, so a slow or broken model delays
+    and stops no other. A FAILED version is retried when its files change (its fingerprint).
+    """
 
     def __init__(self, repository: Repository, config: ServeConfig, metrics: ServingMetrics | None = None):
         self.repository, self.config = repository, config
         self.metrics = metrics or ServingMetrics()
-        self._lock = threading.Lock()  # guards _models (readers take snapshots)
-        self._scan_lock = threading.Lock()  # one rescan at a time
+        self._lock = threading.Lock()  # guards _models and _model_locks (readers take snapshots)
+        self._model_locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ModelEntry] = {}
         self.default_model = ""
 
@@ -150,38 +153,74 @@ class ModelStore:
         return self.config.version_policies.get(name, self.config.version_policy)
 
     def rescan(self) -> bool:
-        """Bring the loaded versions in line with the disk; True if anything changed."""
-        with self._scan_lock:
+        """Bring the loaded versions in line with the disk; True if anything changed.
+
+        Whatever can be applied is applied; then a repository-level problem (the root missing or
+        unreadable: RepositoryUnavailable, nothing changed; a bad repository.json or model
+        folder: RepositoryError, the rest refreshed) is raised for the caller to report.
+        """
+        names = self.repository.models()
+        problems: list[RepositoryError] = []
+        try:
             self.default_model = self.repository.default_model()
-            changed = False
-            names = self.repository.models()
-            for name in names:
-                current = self.models().get(name, ModelEntry(name))
+        except RepositoryError as exc:
+            problems.append(exc)
+            log.error("%s; keeping default model %r", exc, self.default_model)
+        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="model-load") as pool:
+            results = list(pool.map(self._refresh, names))
+        changed = any(changed for changed, _ in results)
+        problems += [problem for _, problem in results if problem]
+        for name in set(self.models()) - set(names):
+            changed |= self._publish(name, None, self.models()[name])
+        if problems:
+            raise problems[0]
+        return changed
+
+    def _model_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._model_locks.setdefault(name, threading.Lock())
+
+    def _refresh(self, name: str) -> tuple[bool, RepositoryError | None]:
+        """Reconcile one model with its folder; a folder that cannot be read keeps what is loaded."""
+        with self._model_lock(name):
+            current = self.models().get(name, ModelEntry(name))
+            try:
                 entry = self._wanted(name, current)
-                changed |= entry.versions.keys() != current.versions.keys()
-                changed |= self._publish(name, entry, current)
-            for name in set(self.models()) - set(names):
-                changed |= self._publish(name, None, self.models()[name])
-            return changed
+            except RepositoryError as exc:
+                log.error("%s; keeping the loaded versions of %r", exc, name)
+                return False, exc
+            return self._publish(name, entry, current), None
 
     def _wanted(self, name: str, current: ModelEntry) -> ModelEntry:
-        """The versions the policy selects, loading new ones (a known version is reused as is).
+        """The versions the policy selects, loading new or changed ones (the rest reused as is).
 
         ``latest:N`` counts only versions that loaded, newest first: a broken new version is
         reported as FAILED but never pushes out a working older one.
         """
-        kind, arg = parse_policy(self.policy(name))
-        on_disk = self.repository.versions(name)
+        policy = self.config.policy(name)
         entry, ready = ModelEntry(name), 0
-        for version in reversed(on_disk):
-            if kind == "specific" and version not in arg:
+        for version in reversed(self.repository.versions(name)):
+            if not policy.selects(version):
                 continue
-            state = current.versions.get(version) or self._load_entry(name, version)
+            state = self._current_or_reloaded(name, version, current.versions.get(version))
             entry.versions[version] = state
             ready += state.state == READY
-            if kind == "latest" and ready == arg:
+            if policy.enough(ready):
                 break
         return entry
+
+    def _current_or_reloaded(self, name: str, version: int, known: VersionEntry | None) -> VersionEntry:
+        """``known`` while its files are unchanged; else a fresh load. A ready version whose new
+        files fail keeps serving what it loaded before (and says so)."""
+        fingerprint = self.repository.fingerprint(name, version)
+        if known is not None and known.fingerprint == fingerprint:
+            return known
+        fresh = self._load_entry(name, version, fingerprint)
+        if known is None or known.state != READY or fresh.state == READY:
+            return fresh
+        log.error("model %s version %s: changed files failed to load; still serving the loaded ones", name, version)
+        return dataclasses.replace(known, fingerprint=fingerprint, error=(
+            f"files changed on disk and failed to load ({fresh.error}); still serving the files loaded before"))
 
     def _publish(self, name: str, entry: ModelEntry | None, previous: ModelEntry) -> bool:
         """Swap in the new entry, then retire versions that are gone (after their calls finish)."""
@@ -190,26 +229,40 @@ class ModelStore:
                 self._models.pop(name, None)
             else:
                 self._models[name] = entry
-        kept = entry.versions if entry else {}
-        gone = [e for v, e in previous.versions.items() if v not in kept]
+        kept = {id(e.loaded) for e in (entry.versions.values() if entry else ()) if e.loaded}
+        gone = [e for e in previous.versions.values() if e.loaded and id(e.loaded) not in kept]
         for state in gone:
             log.info("unloading model %s version %s", name, state.version)
-            if state.loaded:
-                self.metrics.loaded.remove(name, str(state.version), state.loaded.provider)
-                state.loaded.retire()
-        return bool(gone)
+            self.metrics.loaded.remove(name, str(state.version), state.loaded.provider)
+            state.loaded.retire()
+        for state in (entry.versions.values() if entry else ()):
+            if state.loaded and id(state.loaded) not in {id(e.loaded) for e in previous.versions.values()}:
+                self.metrics.loaded.labels(name, str(state.version), state.loaded.provider).set(1)
+        return bool(gone) or (entry.versions.keys() if entry else set()) != previous.versions.keys()
 
-    def _load_entry(self, name: str, version: int) -> VersionEntry:
-        manifest_path = self.repository.version_dir(name, version) / "manifest.json"
-        text = manifest_path.read_text() if manifest_path.exists() else ""
+    def _load_entry(self, name: str, version: int, fingerprint: Fingerprint) -> VersionEntry:
+        """The one loader boundary: whatever goes wrong (a bad manifest, unreadable files, an ONNX
+        file onnxruntime refuses, the wrong network in a file) makes this version FAILED, never
+        the scan or the server."""
+        text = self._manifest_text(name, version)
         try:
             loaded = load_version(self.repository, name, version, self.config, self.metrics)
-        except (RepositoryError, OSError, RuntimeError) as exc:  # onnxruntime raises RuntimeError subclasses
-            log.error("model %s version %s failed to load, not served: %s", name, version, exc)
+        except Exception as exc:  # noqa: BLE001 - the boundary: onnxruntime raises plain Exceptions
+            reason = failure_reason(exc)
+            log.error("model %s version %s failed to load, not served: %s", name, version, reason)
             self.metrics.load_failures.labels(name).inc()
-            return VersionEntry(version, FAILED, error=str(exc), manifest_json=text)
-        self.metrics.loaded.labels(name, str(version), loaded.provider).set(1)
-        return VersionEntry(version, READY, loaded, manifest_json=text)
+            return VersionEntry(version, FAILED, error=reason, manifest_json=text, fingerprint=fingerprint)
+        return VersionEntry(version, READY, loaded, manifest_json=text, fingerprint=fingerprint)
+
+    def _manifest_text(self, name: str, version: int) -> str:
+        """The manifest as text for ListModels ("" when unreadable or too large to report)."""
+        path = self.repository.version_dir(name, version) / MANIFEST_NAME
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_MANIFEST_BYTES + 1)
+        except OSError:
+            return ""
+        return data.decode("utf-8", errors="replace") if len(data) <= MAX_MANIFEST_BYTES else ""
 
     def models(self) -> dict[str, ModelEntry]:
         with self._lock:
@@ -219,7 +272,7 @@ class ModelStore:
         name = name or self.default_model
         models = self.models()
         if name not in models:
-            raise NotFound(f"model {name!r} not found; models: {', '.join(sorted(models)) or 'none'}")
+            raise NotFound(f"model {quoted(name)} not found; models: {', '.join(sorted(models)) or 'none'}")
         return models[name]
 
     def _resolve(self, name: str, version: int) -> LoadedVersion:
@@ -235,13 +288,19 @@ class ModelStore:
         if state is None or state.loaded is None:
             if state and state.error:
                 why = f"failed to load: {state.error}"
-            elif version in self.repository.versions(entry.name):
+            elif version in self._on_disk(entry.name):
                 why = f"is not loaded (version policy {self.policy(entry.name)})"
             else:
                 why = "does not exist"
             raise NotFound(f"model {entry.name!r} version {version} {why}; "
                            f"ready versions: {', '.join(map(str, ready)) or 'none'}")
         return state.loaded
+
+    def _on_disk(self, name: str) -> list[int]:
+        try:
+            return self.repository.versions(name)
+        except RepositoryError:
+            return []
 
     @contextlib.contextmanager
     def use(self, name: str, version: int) -> Iterator[LoadedVersion]:
@@ -251,7 +310,7 @@ class ModelStore:
             if loaded.acquire():
                 break
         else:
-            raise NotFound(f"model {name!r} version {version} was just unloaded; retry")
+            raise NotFound(f"model {quoted(name)} version {version} was just unloaded; retry")
         try:
             yield loaded
         finally:
@@ -265,7 +324,8 @@ class ModelStore:
 
 
 class RepositoryWatcher:
-    """Polls the repository and rescans when it changed (new, removed or rewritten versions)."""
+    """Polls the repository and rescans when it changed: versions added, removed, or their files
+    changed (a FAILED version caught half-copied is retried once the copy completes)."""
 
     def __init__(self, store: ModelStore, interval_s: float, on_change=lambda: None):
         self.store, self.interval_s, self.on_change = store, interval_s, on_change
@@ -276,24 +336,21 @@ class RepositoryWatcher:
         self._thread.start()
         return self
 
-    def _snapshot(self) -> tuple:
-        root = self.store.repository.root
-        return tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns)
-                            for p in root.glob("*/*") if p.is_dir() and p.name.isdigit())
-                     + [("repository.json", (root / "repository.json").stat().st_mtime_ns
-                         if (root / "repository.json").exists() else 0)])
-
     def _loop(self) -> None:
-        seen = self._snapshot()
+        seen = self.store.repository.snapshot()
         while not self._stop.wait(self.interval_s):
+            now = self.store.repository.snapshot()
+            if now == seen:
+                continue
+            seen = now
             try:
-                now = self._snapshot()
-                if now != seen:
-                    seen = now
-                    self.store.rescan()
-                    self.on_change()
-            except Exception:  # a half-written repository must not end the watcher
-                log.exception("repository scan failed; will retry")
+                self.store.rescan()
+            except Exception as exc:  # noqa: BLE001 - nothing may end the watcher
+                log.error("repository scan: %s; rescanning when the repository changes", failure_reason(exc))
+            try:
+                self.on_change()
+            except Exception:  # noqa: BLE001
+                log.exception("after a repository scan")
 
     def stop(self) -> None:
         self._stop.set()

@@ -114,7 +114,8 @@ def test_real_mnist_digits_score_above_noise(client, mnist_dir):
     (lambda c: c.sample(0, seed=1), "count must be in 1..512, got 0"),
     (lambda c: c.sample(513, seed=1), "count must be in 1..512, got 513"),
     (lambda c: c.sample(latents=np.zeros((2, 5), np.float32)), "latents have shape [2, 5]; model 'tiny' expects [count, 8]"),
-    (lambda c: c.sample(latents=np.full((2, 8), np.nan, np.float32)), "latents contain NaN or infinite values"),
+    (lambda c: c.sample(latents=np.full((2, 8), np.nan, np.float32)), "latents[0, 0] = nan: entries must be finite (no NaN or infinite values)"),
+    (lambda c: c.sample(latents=np.full((1, 8), 3e38, np.float32)), "latents[0, 0] = 3.0000000054977558e+38: entries must"),
     (lambda c: c.sample(3, latents=np.zeros((2, 8), np.float32)), "count is 3 but latents have 2 rows"),
     (lambda c: c.sample(2, seed=1, latents=np.zeros((2, 8), np.float32)), "either seed or latents"),
     (lambda c: c.sample(2, model="toy", encoding="png"), "generates 2-D points: use ENCODING_RAW_FLOAT32"),
@@ -228,7 +229,8 @@ def test_prometheus_metrics_during_traffic(server, client):
         client.sample(1, model="ghost")
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'dcgan_requests_total{code="OK",method="Sample",model="tiny"}' in text
-    assert 'dcgan_requests_total{code="NOT_FOUND",method="Sample",model="ghost"}' in text
+    assert 'dcgan_requests_total{code="NOT_FOUND",method="Sample",model="unknown"}' in text
+    assert "ghost" not in text  # names sent by clients never become label values
     for name in ("dcgan_request_latency_seconds_bucket", "dcgan_queue_wait_seconds_bucket",
                  "dcgan_compute_seconds_bucket", "dcgan_batch_size_bucket", "dcgan_queue_depth"):
         assert name in text, name

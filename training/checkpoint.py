@@ -33,10 +33,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`; any problem is a CheckpointError naming it."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    try:  # weights_only: tensors and plain containers only, so a foreign file cannot run code
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a dcgan checkpoint of format {FORMAT_VERSION}")
     return state

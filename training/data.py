@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def read_mnist_file(directory: Path, stem: str) -> np.ndarray:
         raise DataError(f"{path}: sha256 does not match {directory / 'SHA256SUMS'} (corrupt file)")
     try:
         raw = gzip.decompress(blob) if path.suffix == ".gz" else blob
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot decompress ({exc})") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # a flipped byte may surface as any of these
+        raise DataError(f"{path}: cannot decompress, the file is corrupt ({exc})") from None
     if hashlib.sha256(raw).hexdigest() != MNIST_CONTENT_SHA256[stem]:
         raise DataError(f"{path}: content sha256 is not the standard MNIST {stem} (corrupt file)")
     return parse_idx(raw, str(path))
@@ -137,7 +138,7 @@ def load_image_folder(directory: Path, size: int, channels: int, progress: bool 
     for path in tqdm(paths, desc="decoding images", unit="img", disable=not progress):
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
+                img = images.to_8bit(img, channels)
                 loaded.append(images.pil_to_chw(images.center_crop_resize(img, size)))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             skipped.append(path)
