@@ -201,12 +201,15 @@ class Repository:
         if not folder.is_dir():
             raise RepositoryError(f"{where} not found in {self.root}")
         try:
-            data = json.loads((folder / MANIFEST_NAME).read_bytes())
+            data = json.loads((folder / MANIFEST_NAME).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} is not UTF-8 text ({exc.reason} at byte "
+                                  f"{exc.start})") from None
         except FileNotFoundError:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is missing") from None
         except OSError as exc:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} cannot be read: {exc.strerror}") from None
-        except ValueError as exc:  # not UTF-8 (UnicodeDecodeError) or not JSON
+        except ValueError as exc:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is not a JSON object")

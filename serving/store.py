@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -145,6 +145,12 @@ class ModelStore:
         self._model_locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ModelEntry] = {}
         self.default_model = ""
+        self._scanned = threading.Condition()  # notified after every rescan, for wait_until
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``condition()`` holds, checking after each rescan; False on timeout."""
+        with self._scanned:
+            return self._scanned.wait_for(condition, timeout)
 
     def load(self) -> None:
         self.rescan()
@@ -159,6 +165,13 @@ class ModelStore:
         unreadable: RepositoryUnavailable, nothing changed; a bad repository.json or model
         folder: RepositoryError, the rest refreshed) is raised for the caller to report.
         """
+        try:
+            return self._rescan()
+        finally:
+            with self._scanned:
+                self._scanned.notify_all()
+
+    def _rescan(self) -> bool:
         names = self.repository.models()
         problems: list[RepositoryError] = []
         try:
