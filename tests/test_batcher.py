@@ -1,5 +1,6 @@
 import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -8,43 +9,55 @@ from serving.batcher import DynamicBatcher, Expired, QueueFull
 
 
 class Recorder:
-    """A run function that records batch sizes and returns its input doubled."""
+    """A run function that records batch sizes and returns its input doubled.
 
-    def __init__(self, delay: float = 0.0):
+    ``entered`` is set when a run starts; with ``gate`` cleared the run then waits, so a test can
+    hold the worker and know it holds it (no sleeps)."""
+
+    def __init__(self):
         self.sizes: list[int] = []
-        self.delay = delay
+        self.entered = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        self.gate.wait(5)
-        time.sleep(self.delay)
+        self.entered.set()
+        assert self.gate.wait(10), "gate never opened"
         self.sizes.append(len(batch))
         return batch * 2
+
+    def hold(self, batcher: DynamicBatcher) -> "Future":
+        """Submit one item and return once the worker is inside run() with it."""
+        self.gate.clear()
+        self.entered.clear()
+        future = batcher.submit(np.zeros((1, 1), np.float32))
+        assert self.entered.wait(10)
+        return future
 
 
 def test_concurrent_requests_are_merged_and_split_back():
     run = Recorder()
     batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0.2)
+    blocker = run.hold(batcher)
     futures = [batcher.submit(np.full((n, 3), i, np.float32)) for i, n in enumerate([1, 2, 3, 4])]
+    run.gate.set()
+    blocker.result(5)
     results = [f.result(5) for f in futures]
     batcher.stop()
-    assert run.sizes == [10]  # one run for all four requests
+    assert run.sizes == [1, 10]  # one run for the four queued requests
     for i, (n, result) in enumerate(zip([1, 2, 3, 4], results)):
         assert result.shape == (n, 3) and np.all(result == 2 * i)
 
 
-def test_max_batch_size_caps_a_merged_batch_and_big_requests_run_whole():
+def test_queued_requests_merge_up_to_max_batch_size_and_big_requests_run_whole():
     run = Recorder()
-    run.gate.clear()
     batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0.0)
-    futures = [batcher.submit(np.zeros((n, 1), np.float32)) for n in [3, 1, 2, 9]]
-    time.sleep(0.05)
+    first = run.hold(batcher)
+    futures = [batcher.submit(np.zeros((n, 1), np.float32)) for n in [1, 2, 9]]
     run.gate.set()
-    [f.result(5) for f in futures]
+    [f.result(5) for f in [first, *futures]]
     batcher.stop()
-    assert sum(run.sizes) == 15 and max(run.sizes) == 9
-    assert all(size <= 4 for size in run.sizes if size != 9)
+    assert run.sizes == [1, 3, 9]  # 1 and 2 merged (3 <= 4); 9 alone, uncut
 
 
 def test_batching_disabled_runs_each_request_alone():
@@ -58,31 +71,41 @@ def test_batching_disabled_runs_each_request_alone():
 
 def test_full_queue_is_refused_at_once():
     run = Recorder()
-    run.gate.clear()
     batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0, max_queue=2)
-    first = batcher.submit(np.zeros((1, 1), np.float32))
-    time.sleep(0.05)  # the worker holds `first`; the queue is empty again
+    first = run.hold(batcher)  # the worker holds `first`; the queue is empty again
     queued = [batcher.submit(np.zeros((1, 1), np.float32)) for _ in range(2)]
-    start = time.monotonic()
     with pytest.raises(QueueFull, match="queue full"):
         batcher.submit(np.zeros((1, 1), np.float32))
-    assert time.monotonic() - start < 0.1
     run.gate.set()
     for future in [first, *queued]:
         future.result(5)
     batcher.stop()
 
 
+def test_pieces_of_a_cut_request_never_overfill_the_queue():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, max_queue=3, min_piece=4)
+    blocker = run.hold(batcher)
+    small = batcher.submit(np.zeros((1, 1), np.float32))
+    batcher.workers = 4  # a request of 64 would be cut in four: only two places are free
+    big = batcher.submit(np.arange(64, dtype=np.float32).reshape(64, 1))
+    assert batcher.depth() == 3
+    with pytest.raises(QueueFull):
+        batcher.submit(np.zeros((1, 1), np.float32))
+    run.gate.set()
+    np.testing.assert_array_equal(big.result(5), np.arange(64, dtype=np.float32).reshape(64, 1) * 2)
+    blocker.result(5), small.result(5)
+    batcher.stop()
+    assert sorted(run.sizes) == [1, 1, 32, 32]
+
+
 def test_expired_and_cancelled_requests_cost_no_compute():
     run = Recorder()
-    run.gate.clear()
     batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0)
-    blocker = batcher.submit(np.zeros((1, 1), np.float32))
-    time.sleep(0.05)
-    late = batcher.submit(np.zeros((5, 1), np.float32), deadline=time.monotonic() + 0.01)
+    blocker = run.hold(batcher)
+    late = batcher.submit(np.zeros((5, 1), np.float32), deadline=time.monotonic() - 1)  # passed while queued
     gone = batcher.submit(np.zeros((6, 1), np.float32), is_active=lambda: False)
     alive = batcher.submit(np.zeros((7, 1), np.float32))
-    time.sleep(0.05)
     run.gate.set()
     blocker.result(5)
     assert alive.result(5).shape == (7, 1)
@@ -95,13 +118,10 @@ def test_expired_and_cancelled_requests_cost_no_compute():
 
 def test_a_future_cancelled_while_queued_does_not_stop_the_worker():
     run = Recorder()
-    run.gate.clear()
     batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0)
-    blocker = batcher.submit(np.zeros((1, 1), np.float32))
-    time.sleep(0.05)
-    abandoned = batcher.submit(np.zeros((2, 1), np.float32), deadline=time.monotonic() + 0.01)
+    blocker = run.hold(batcher)
+    abandoned = batcher.submit(np.zeros((2, 1), np.float32))
     assert abandoned.cancel()  # what the service does when its caller's deadline passes first
-    time.sleep(0.05)
     run.gate.set()
     blocker.result(5)
     assert batcher.submit(np.ones((3, 1), np.float32)).result(5).shape == (3, 1)
@@ -192,10 +212,8 @@ def test_a_failing_piece_fails_the_whole_request_and_cancelling_drops_queued_pie
     batcher.stop()
 
     gated = Recorder()
-    gated.gate.clear()
     batcher = DynamicBatcher(gated, max_batch_size=1, max_queue_delay_s=0, workers=1, min_piece=4)
-    blocker = batcher.submit(np.zeros((1, 1), np.float32))
-    time.sleep(0.05)
+    blocker = gated.hold(batcher)
     batcher.workers = 2  # cut the next request in two, though one worker runs them
     split = batcher.submit(np.zeros((8, 1), np.float32))
     assert split.cancel()
@@ -241,8 +259,9 @@ def test_handoff_delivers_a_whole_batch_to_the_event_loop_and_cancels_through():
         failing.stop()
 
         run.gate.clear()  # hold the worker on the next batch so that a second request stays queued
+        run.entered.clear()
         busy = handoff.wrap(batcher.submit(np.zeros((64, 2), np.float32)))
-        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(run.entered.wait, 10)
         queued = batcher.submit(np.zeros((1, 2), np.float32))
         waiter = handoff.wrap(queued)
         waiter.cancel()

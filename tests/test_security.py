@@ -86,3 +86,24 @@ def test_decompression_bomb_is_rejected_before_decoding(serving_repo):
                 client.score(np.zeros((1025, 1, 28, 28), np.uint8))
     finally:
         server.stop(grace=1)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"   \t\n", b"two words\n", b"\xff\xfe"])
+def test_empty_or_malformed_token_file_is_refused(serving_repo, certificate, tmp_path, content):
+    """An empty token must never mean "no authentication"."""
+    token_file = tmp_path / "token"
+    token_file.write_bytes(content)
+    with pytest.raises(ServeConfigError, match="auth_token_file .* (is empty|one token|ASCII)"):
+        start_server(serving_repo, poll_s=0, tls_cert=str(certificate / "cert.pem"),
+                     tls_key=str(certificate / "key.pem"), auth_token_file=str(token_file))
+
+
+def test_empty_token_file_exits_2_from_the_cli(serving_repo, certificate, tmp_path):
+    import sys
+
+    (tmp_path / "token").write_text("\n")
+    done = subprocess.run([sys.executable, "-m", "serving.server", "--repository", str(serving_repo), "--port", "0",
+                           "--metrics-port", "-1", "--tls-cert", str(certificate / "cert.pem"),
+                           "--tls-key", str(certificate / "key.pem"), "--auth-token-file", str(tmp_path / "token")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is empty" in done.stderr
