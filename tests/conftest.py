@@ -79,3 +79,16 @@ def start_server(repository: Path, **settings):
 
     config = ServeConfig(repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **settings).validate()
     return InferenceServer(config).start()
+
+
+def wait_for(condition, timeout: float = 30.0, poll: float = 0.005) -> bool:
+    """Whether ``condition()`` became true within ``timeout``: for state another thread or process
+    changes where no event is exposed. Correctness never depends on the timing, only on the state."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True

@@ -3,7 +3,6 @@
 import json
 import shutil
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -32,11 +31,22 @@ def _publish_broken(repository: Repository, name: str) -> int:
     return version
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+class Calls:
+    """Versions seen by the callers, with a condition to wait for more of them (no sleeps)."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+        self._cond = threading.Condition()
+
+    def add(self, version: int) -> None:
+        with self._cond:
+            self.seen.append(version)
+            self._cond.notify_all()
+
+    def wait_more(self, count: int, timeout: float = 60) -> None:
+        target = len(self.seen) + count
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.seen) >= target, timeout), "callers stalled"
 
 
 @pytest.fixture()
@@ -50,14 +60,14 @@ def live(tiny_run, tmp_path):
 
 def test_publish_new_then_broken_version_under_traffic(live, tiny_run):
     repository, server = live
-    target = f"127.0.0.1:{server.port}"
-    seen, errors, stop = [], [], threading.Event()
+    store, target = server.store, f"127.0.0.1:{server.port}"
+    calls, errors, stop = Calls(), [], threading.Event()
 
     def caller() -> None:
         with InferenceClient(target, timeout=30) as client:
             while not stop.is_set():
                 try:
-                    seen.append(client.sample(2, seed=1).version)
+                    calls.add(client.sample(2, seed=1).version)
                 except ClientError as exc:
                     errors.append(exc)
 
@@ -65,27 +75,28 @@ def test_publish_new_then_broken_version_under_traffic(live, tiny_run):
     for t in threads:
         t.start()
     try:
-        _wait_for(lambda: len(seen) > 20)
+        calls.wait_more(20)
         assert export_run(tiny_run, repository, "tiny").version == 2
-        _wait_for(lambda: seen[-1] == 2)
+        assert store.wait_until(lambda: store.models()["tiny"].ready() == [2], 60)
+        calls.wait_more(20)
         broken = _publish_broken(repository, "tiny")
+        assert store.wait_until(lambda: broken in store.models()["tiny"].versions, 60)
         with InferenceClient(target) as client:
-            _wait_for(lambda: any(v.version == broken for v in client.get_model("tiny").versions))
             info = client.get_model("tiny")
             states = {v.version: (v.state, v.error) for v in info.versions}
             assert states[2][0] == pb.VERSION_STATE_READY and info.latest_version == 2
             assert states[broken][0] == pb.VERSION_STATE_FAILED and "sha256" in states[broken][1]
             assert 1 not in states  # latest:1 unloaded it once version 2 was ready
-            count = len(seen)
-            _wait_for(lambda: len(seen) > count + 20)
+        switched = len(calls.seen)
+        calls.wait_more(20)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert errors == []
+    seen = calls.seen
     assert seen[0] == 1 and set(seen) == {1, 2}
-    first_two = seen.index(2)
-    assert set(seen[first_two + 50 :]) <= {2}  # once switched (after in-flight stragglers), stays on 2
+    assert set(seen[switched + 8 :]) == {2}  # after the switch (and 4 callers' stragglers) only version 2
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     assert 'dcgan_model_load_failures_total{model="tiny"} 1.0' in metrics
 

@@ -1,7 +1,6 @@
 """The inference service over real gRPC on a free localhost port, with real ONNX files."""
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -16,7 +15,7 @@ from dcgan_core import images
 from dcgan_core.latents import latents
 from serving.client import (DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
                             ResourceExhaustedError, make_tensor)
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, start_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +152,26 @@ def test_response_too_large_is_resource_exhausted(client):
     assert sum(len(c.images) for c in client.sample_stream(512, seed=1, encoding="float32", chunk_size=128)) == 512
 
 
-def test_deadline_exceeded(server):
-    with InferenceClient(f"127.0.0.1:{server.port}", timeout=0.0005) as hurried:
-        with pytest.raises(DeadlineExceededError):
-            hurried.sample(512, seed=1, encoding="uint8")
+def _compute_runs(server, network: str = "generator") -> float:
+    value = server.metrics.registry.get_sample_value("dcgan_compute_seconds_count",
+                                                     {"model": "tiny", "network": network})
+    return value or 0.0
+
+
+def test_the_server_drops_a_request_whose_deadline_passes_in_its_queue(serving_repo):
+    """A 2 s batching window holds the request in the server's queue past its 0.3 s deadline: the
+    server must answer DEADLINE_EXCEEDED and never run the model for it (checked after stop(),
+    which finishes everything queued)."""
+    server = start_server(serving_repo, poll_s=0, max_queue_delay_ms=2000, max_batch_size=1024)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}", timeout=0.3) as hurried:
+            with pytest.raises(DeadlineExceededError):
+                hurried.sample(1, seed=1)
+    finally:
+        server.stop(grace=5)
+    assert _compute_runs(server) == 0  # the expired request cost no compute
+    codes = {s.labels["code"] for s in server.metrics.requests.collect()[0].samples if s.value}
+    assert codes <= {"DEADLINE_EXCEEDED", "CANCELLED"} and codes
 
 
 def test_full_queue_is_resource_exhausted(serving_repo):
@@ -164,14 +179,12 @@ def test_full_queue_is_resource_exhausted(serving_repo):
     server = start_server(serving_repo, max_queue=1, max_queue_delay_ms=1500, max_batch_size=1024)
     try:
         with InferenceClient(f"127.0.0.1:{server.port}") as client:
-            first = threading.Thread(target=client.sample, args=(1,))
-            first.start()
-            time.sleep(0.3)
-            start = time.monotonic()
+            first = client.stub.Sample.future(pb.SampleRequest(count=1, seed=1))
+            generator = server.store.models()["tiny"].versions[1].loaded.generator
+            assert wait_for(lambda: generator.depth() == 1)  # the first request sits in the queue
             with pytest.raises(ResourceExhaustedError, match=r"queue full \(1 requests waiting\)"):
                 client.sample(1)
-            assert time.monotonic() - start < 1.0
-            first.join()
+            assert len(first.result(timeout=30).samples.data) == 784  # and the first is answered
     finally:
         server.stop(grace=1)
 

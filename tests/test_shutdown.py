@@ -3,15 +3,16 @@
 import signal
 import subprocess
 import sys
-import threading
-import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dcgan.v1 import inference_pb2 as pb
 from serving.client import InferenceClient, UnavailableError
+from tests.conftest import wait_for
 
 
 def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
@@ -25,26 +26,38 @@ def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
     return proc, int(line.rsplit(" ", 1)[1])
 
 
+def _log_line(proc: subprocess.Popen, fragment: str) -> str:
+    for line in proc.stderr:
+        if fragment in line:
+            return line
+    pytest.fail(f"the server never logged {fragment!r}")
+
+
+def _queued(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    line = next(l for l in text.splitlines()
+                if l.startswith('dcgan_queue_depth{model="tiny",network="generator"}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_sigterm_drains_in_flight_calls(serving_repo):
-    # A 1.5 s batching window keeps the first call in flight while we send SIGTERM.
+    # A 1.5 s batching window keeps the first call in the server's queue while we send SIGTERM.
     proc, port = _start(serving_repo, "--max-queue-delay-ms", "1500", "--max-batch-size", "1024", "--grace-s", "10")
+    metrics_port = int(_log_line(proc, "Prometheus metrics on").rsplit(" ", 1)[1])
     target = f"127.0.0.1:{port}"
     try:
-        with InferenceClient(target) as client:
+        with InferenceClient(target) as client, grpc.insecure_channel(target) as channel:
             expected = client.sample(3, seed=4).images  # (also waits out one batching window)
-            result = {}
-            in_flight = threading.Thread(target=lambda: result.update(r=client.sample(3, seed=4)))
-            in_flight.start()
-            time.sleep(0.3)
+            in_flight = client.stub.Sample.future(pb.SampleRequest(count=3, seed=4))
+            assert wait_for(lambda: _queued(metrics_port) == 1)
+            statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with grpc.insecure_channel(target) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert next(statuses).status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(UnavailableError, match="shutting down"):
                 client.sample(1, seed=1)
-            in_flight.join(10)
-            assert np.array_equal(result["r"].images, expected)
+            answer = in_flight.result(timeout=10)
+            assert np.frombuffer(answer.samples.data, np.uint8).tobytes() == expected.tobytes()
         assert proc.wait(20) == 0
     finally:
         proc.kill()
@@ -70,13 +83,10 @@ def test_sighup_rescans_the_repository(tiny_run, tmp_path):
         with InferenceClient(f"127.0.0.1:{port}") as client:
             assert client.sample(1, seed=1).version == 1
             export_run(tiny_run, repository, "tiny")
-            time.sleep(0.5)
             assert client.sample(1, seed=1).version == 1  # no polling: nothing changes by itself
             proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 30
-            while client.sample(1, seed=1).version != 2:
-                assert time.monotonic() < deadline, "SIGHUP did not load version 2"
-                time.sleep(0.1)
+            _log_line(proc, "reload done")
+            assert client.sample(1, seed=1).version == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

@@ -92,19 +92,33 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_interrupt_writes_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(tiny_config(tmp_path, run={"checkpoint_every": 1000}))
+def test_a_signal_mid_step_finishes_the_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM while a step runs: the step completes, the checkpoint holds it, and the resumed run
+    ends bit for bit where an uninterrupted one does (it used to save mid-step, after the step's
+    latents were drawn, so the rerun drew other noise)."""
+    import os
+    import signal
+
+    config = tiny_config(tmp_path / "interrupted", run={"checkpoint_every": 1000})
+    trainer = Trainer(config)
     original = trainer.train_step
 
-    def interrupt_at_4(real):
+    def signal_during_step_5(real):
         if trainer.step == 4:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # handled while this step runs
         return original(real)
 
-    monkeypatch.setattr(trainer, "train_step", interrupt_at_4)
+    monkeypatch.setattr(trainer, "train_step", signal_during_step_5)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 4
+    assert checkpoint.load(tmp_path / "interrupted" / "checkpoint.pt")["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored after train()
+    Trainer(config).train()
+    Trainer(tiny_config(tmp_path / "straight", run={"checkpoint_every": 1000})).train()
+    resumed, straight = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("interrupted", "straight"))
+    assert resumed["step"] == straight["step"] == 16
+    for key, tensor in straight["generator"].items():
+        assert torch.equal(resumed["generator"][key], tensor), key
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

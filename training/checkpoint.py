@@ -7,13 +7,14 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dcgan_core import __version__
-from dcgan_core.atomic import atomic_write
+from dcgan_core.atomic import atomic_write_bytes
 from training.config import TrainConfig, differences, from_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -28,7 +29,9 @@ class CheckpointError(RuntimeError):
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` plus format metadata atomically to ``path``."""
     payload = {"format": FORMAT_VERSION, "package_version": __version__, **state}
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+    buffer = io.BytesIO()  # serialized first: a full disk then surfaces as OSError from the write
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

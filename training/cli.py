@@ -1,7 +1,8 @@
 """``dcgan-train``: train a DCGAN or toy GAN from a preset, a TOML config and overrides.
 
-Exit codes: 0 done, 1 training diverged, 2 bad config/data/checkpoint, 130 interrupted (a
-checkpoint was written; run the same command again to resume).
+Exit codes: 0 done, 1 training diverged, 2 bad config/data/checkpoint (or the run directory is
+in use), 3 cannot write (disk full, permissions; the last checkpoint stays loadable), 130
+interrupted (SIGINT/SIGTERM finish the step and write a checkpoint; rerun the command to resume).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dcgan_core.locking import Locked
 from training.checkpoint import CheckpointError
 from training.config import PRESETS, ConfigError, load_config, parse_override
 from training.data import DataError
@@ -76,14 +78,20 @@ def main(argv: list[str] | None = None) -> int:
                      trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
                      trainer.step, trainer.total_steps)
             result = trainer.train()
-        except (ConfigError, DataError, CheckpointError) as exc:
+        except (ConfigError, DataError, CheckpointError, Locked) as exc:
             print(f"dcgan-train: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a full disk, a permission: the checkpoint on disk is still the last good one
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"dcgan-train: error: cannot write{where}: {exc.strerror or exc}; the last checkpoint "
+                  f"is intact, rerun to resume once this is fixed", file=sys.stderr)
+            return 3
         except TrainingDiverged as exc:
             print(f"dcgan-train: training diverged: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("dcgan-train: interrupted; checkpoint written, run the same command to resume", file=sys.stderr)
+            print("dcgan-train: interrupted; run the same command to resume from the last checkpoint",
+                  file=sys.stderr)
             return 130
         metrics = " ".join(f"{k}={v:.4f}" for k, v in result.last_metrics.items())
         log.info("done: step %d (epoch %.2f) in %s; %s", result.step, result.epoch, result.run_dir, metrics)

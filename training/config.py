@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcgan_core.latents import SEED_MAX
+
 TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
 IMAGE_SIZES = (28, 32, 64)
@@ -127,6 +129,9 @@ class TrainConfig:
         _check(r.eval_every == 0 or self.kind == "toy2d" or (d.channels, d.image_size) == (1, 28),
                "run.eval_every", r.eval_every,
                "0 unless the data is a toy or the images are 1x28x28 (the metrics' MNIST classifier)")
+        _check(0 <= r.seed <= SEED_MAX, "run.seed", r.seed, f"an integer in 0..{SEED_MAX}")
+        _check(bool(r.run_dir) and not Path(r.run_dir).is_file(), "run.run_dir", r.run_dir,
+               "a directory (this names an existing file)")
         _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
         _check(r.precision in PRECISIONS, "run.precision", r.precision, ", ".join(PRECISIONS))
         return self
@@ -241,9 +246,13 @@ def load_config(preset: str | None = None, config_file: Path | None = None,
         apply(config, PRESETS[preset], f"preset {preset}")
     if config_file is not None:
         try:
-            apply(config, tomllib.loads(config_file.read_text()), str(config_file))
+            text = config_file.read_text(encoding="utf-8")
+            apply(config, tomllib.loads(text), str(config_file))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not UTF-8 text (byte {exc.start}): "
+                              f"is it a TOML file?") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
     for override in overrides:
         apply(config, override, "command line")
     return config.validate()

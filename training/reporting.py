@@ -48,6 +48,21 @@ class MetricsLog:
         self._handle.close()
 
 
+def record_evaluation(path: Path, record: dict[str, Any]) -> None:
+    """Add one evaluation to ``eval.jsonl``, replacing records of the same or later epochs (left by
+    a run that crashed after evaluating and is now redoing that epoch). Written atomically."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["epoch"] < record["epoch"]:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line
+    kept.append(json.dumps(record))
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 

@@ -8,10 +8,11 @@ step, which is why N steps + restart + M steps equals N+M steps on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import copy
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dcgan_core import locking
 from dcgan_core.latents import latents
 from training import checkpoint, reporting
 from training.config import ConfigError, TrainConfig
@@ -29,6 +31,43 @@ from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "d_acc")
+RUN_LOCK = ".lock"
+EVAL_LOG = "eval.jsonl"
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Temporary files of atomic writes (``.NAME.*.tmp``) that a kill -9 left behind. Only called
+    while holding the run's lock, so no live writer owns them."""
+    stale = [p for p in run_dir.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", path)
+    return stale
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM handlers for the training loop (main thread only; elsewhere a no-op): the
+    first signal asks the loop to stop at the next step boundary, a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: stopping after this step (send it again to stop at once, unsaved)", signum)
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,6 +136,8 @@ class Trainer:
         self._reference = None  # metrics.ImageReference, loaded at the first evaluation
         self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
         self.metrics: reporting.MetricsLog | None = None  # open only inside train()
+        with locking.exclusive(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"):
+            pass  # in use by another trainer: say so before anything else (train() holds it)
         if self.checkpoint_path.exists():
             self._resume(force)
 
@@ -237,7 +278,19 @@ class Trainer:
         return min(planned, limit) if limit else planned
 
     def train(self) -> TrainResult:
-        """Train until the configured epochs or max_steps; Ctrl-C saves a checkpoint first."""
+        """Train until the configured epochs or max_steps.
+
+        SIGINT/SIGTERM finish the current step (and its end-of-epoch work), write a checkpoint
+        and raise KeyboardInterrupt, so that a resumed run continues exactly as an uninterrupted
+        one; a second signal stops at once without saving (the last checkpoint stays valid).
+        The run directory is owned for the duration (a second trainer on it is refused).
+        """
+        with locking.exclusive(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"), \
+                _StopRequests() as stop:
+            remove_stale_temporaries(self.run_dir)
+            return self._train(stop)
+
+    def _train(self, stop: "_StopRequests") -> TrainResult:
         total, spe = self.total_steps, self.steps_per_epoch
         stats: dict[str, float] = {}
         unit = "img" if self.config.kind == "dcgan" else "pt"
@@ -258,15 +311,17 @@ class Trainer:
                 bar.set_postfix(epoch=f"{epoch + 1}/{self.config.run.epochs}", refresh=False, **{
                     k: f"{v:.3f}" for k, v in stats.items() if k != "loss_g" or not math.isnan(v)})
                 bar.update(real.shape[0])
+                saved = self.step % spe == 0 or self.step % self.config.run.checkpoint_every == 0 \
+                    or self.step == total
                 if self.step % spe == 0:
                     self.end_of_epoch(epoch)
-                elif self.step % self.config.run.checkpoint_every == 0 or self.step == total:
+                elif saved:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
-            log.warning("interrupted at step %d: writing checkpoint before exiting", self.step)
-            self.save_checkpoint()
-            raise
+                if stop.requested:  # at a step boundary: the checkpoint is exactly this step
+                    if not saved:
+                        self.save_checkpoint()
+                    log.warning("stopped by signal at step %d; checkpoint written", self.step)
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             self.metrics.close()
@@ -283,24 +338,27 @@ class Trainer:
                 f"Restarting resumes from it: lower optim.lr_d/lr_g or change loss.name first.")
 
     def end_of_epoch(self, epoch: int) -> None:
-        """Sample grid from the fixed noise, curves, an evaluation when one is due, checkpoint."""
+        """Sample grid, curves, an evaluation when one is due, then the checkpoint.
+
+        The evaluation's results (best.pt, then its eval.jsonl record) are durable before the
+        checkpoint that moves past this epoch: a crash in between re-runs the epoch's end on
+        resume (same figures on CPU) instead of losing the evaluation.
+        """
         self.metrics.flush()
         self.save_samples(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
         reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
         every = self.config.run.eval_every
-        scores = self.evaluate() if every and (epoch + 1) % every == 0 else None
-        improved = scores is not None and scores["objective"] < self.best_objective
-        if improved:
-            self.best_objective = scores["objective"]
-        self.save_checkpoint()
-        if improved:  # written after checkpoint.pt, so a crash in between loses no progress
-            checkpoint.save(self.run_dir / checkpoint.BEST_NAME, self.state())
-        if scores is not None:
-            record = {"epoch": epoch + 1, "step": self.step, **scores, "best": improved}
-            with open(self.run_dir / "eval.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if every and (epoch + 1) % every == 0:
+            scores = self.evaluate()
+            improved = scores["objective"] < self.best_objective
+            if improved:
+                self.best_objective = scores["objective"]
+                checkpoint.save(self.run_dir / checkpoint.BEST_NAME, self.state())
+            reporting.record_evaluation(self.run_dir / EVAL_LOG,
+                                        {"epoch": epoch + 1, "step": self.step, **scores, "best": improved})
             log.info("epoch %d: %s%s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
                      " (best so far: best.pt)" if improved else "")
+        self.save_checkpoint()
 
     def evaluate(self) -> dict[str, float]:
         """Metrics of ``run.eval_samples`` samples from fixed latents, so that epochs compare, and
