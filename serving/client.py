@@ -85,12 +85,15 @@ def make_tensor(array: np.ndarray) -> pb.Tensor:
 class InferenceClient:
     def __init__(self, target: str = "localhost:50051", timeout: float | None = 60.0,
                  max_message_mb: int = 64, channel: grpc.Channel | None = None,
-                 tls_ca: str | None = None, token: str | None = None):
+                 tls_ca: str | None = None, token: str | None = None, wait_for_ready: bool = False):
+        """``wait_for_ready``: a call made while the server is away waits for it (up to the call's
+        timeout) instead of failing at once with UNAVAILABLE (gRPC's own option; batch jobs use it)."""
         limit = max_message_mb * 1024 * 1024
         options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
         self.channel = channel or security.channel(target, options, tls_ca, token)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
+        self.call_options = {"timeout": timeout, "wait_for_ready": wait_for_ready}
 
     def __enter__(self) -> "InferenceClient":
         return self
@@ -130,7 +133,7 @@ class InferenceClient:
         """``count`` samples (or one per latent row); same seed, same images."""
         request = self._request(count, model, version, seed, latents, encoding, include_scores)
         try:
-            return self._samples(self.stub.Sample(request, timeout=self.timeout))
+            return self._samples(self.stub.Sample(request, **self.call_options))
         except grpc.RpcError as error:
             raise _typed(error) from None
 
@@ -139,7 +142,7 @@ class InferenceClient:
         """The samples of one seeded request, in chunks (for counts too large for one message)."""
         request = self._request(count, model, version, seed, None, encoding, include_scores, chunk_size)
         try:
-            for response in self.stub.SampleStream(request, timeout=self.timeout):
+            for response in self.stub.SampleStream(request, **self.call_options):
                 yield self._samples(response)
         except grpc.RpcError as error:
             raise _typed(error) from None
@@ -152,7 +155,7 @@ class InferenceClient:
         else:
             request.images.extend(images)
         try:
-            response = self.stub.Score(request, timeout=self.timeout)
+            response = self.stub.Score(request, **self.call_options)
         except grpc.RpcError as error:
             raise _typed(error) from None
         return Scores(response.model, response.version, np.array(response.probabilities, np.float32),
@@ -160,13 +163,13 @@ class InferenceClient:
 
     def models(self) -> pb.ListModelsResponse:
         try:
-            return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+            return self.stub.ListModels(pb.ListModelsRequest(), **self.call_options)
         except grpc.RpcError as error:
             raise _typed(error) from None
 
     def get_model(self, model: str = "") -> pb.ModelInfo:
         try:
-            return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout)
+            return self.stub.GetModel(pb.GetModelRequest(model=model), **self.call_options)
         except grpc.RpcError as error:
             raise _typed(error) from None
 

@@ -61,13 +61,13 @@ def _models(client: InferenceClient, args: argparse.Namespace) -> None:
 
 def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
     summary = jobs.score_job(client, jobs.list_inputs(args.input), Path(args.output), args.model,
-                             args.batch, args.concurrency, args.attempts, not args.no_progress)
+                             args.batch, args.concurrency, args.wait_s, not args.no_progress)
     print(f"score-job: {summary}; results in {args.output}")
 
 
 def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
     summary = jobs.sample_job(client, args.count, Path(args.out_dir), args.seed, args.chunk, args.model,
-                              args.concurrency, args.attempts, not args.no_progress)
+                              args.concurrency, args.wait_s, not args.no_progress)
     print(f"sample-job: {summary}; PNGs in {args.out_dir}")
 
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (score_job, sample_job):
         sub.add_argument("--model", default="")
         sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-        sub.add_argument("--attempts", type=int, default=6, help="tries per request on UNAVAILABLE etc.")
+        sub.add_argument("--wait-s", type=float, default=jobs.DEFAULT_PATIENCE_S,
+                         help="how long to wait out an absent or overloaded server, with backoff (default: 600)")
         sub.add_argument("--no-progress", action="store_true")
     models = commands.add_parser("models", help="models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token) as client:
+        patient = args.command in ("score-job", "sample-job")  # jobs wait for the server to come (back)
+        with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token,
+                             wait_for_ready=patient) as client:
             commands_by_name = {"sample": _sample, "score": _score, "models": _models,
                                 "score-job": _score_job, "sample-job": _sample_job}
             commands_by_name[args.command](client, args)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import itertools
 import json
+import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -22,29 +25,39 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
+from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
-from serving.client import (ClientError, DeadlineExceededError, InferenceClient, InvalidArgumentError,
+from serving.client import (DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
                             ResourceExhaustedError, UnavailableError)
 
 RETRYABLE = (UnavailableError, ResourceExhaustedError, DeadlineExceededError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 FIELDS = ["path", "probability", "logit", "model", "version", "error"]
 T = TypeVar("T")
+DEFAULT_PATIENCE_S = 600.0  # how long a job waits out an absent or overloaded server
+JOB_FILE, LOCK_FILE = "job.json", ".lock"
+log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
     pass
 
 
-def with_retries(call: Callable[[], T], attempts: int, base_delay: float = 0.2) -> T:
-    """Retry UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED with exponential backoff."""
-    for attempt in range(attempts):
+def with_retries(call: Callable[[], T], patience_s: float = DEFAULT_PATIENCE_S, base_delay: float = 0.2,
+                 max_delay: float = 10.0) -> T:
+    """Retry UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED for up to ``patience_s``, with
+    capped exponential backoff and full jitter (many job workers must not retry in step)."""
+    deadline = time.monotonic() + patience_s
+    for attempt in itertools.count():
         try:
             return call()
-        except RETRYABLE:
-            if attempt == attempts - 1:
+        except RETRYABLE as exc:
+            delay = random.uniform(0, min(max_delay, base_delay * 2**attempt))
+            if time.monotonic() + delay > deadline:
                 raise
-            time.sleep(base_delay * 2**attempt)
+            if attempt == 0:
+                log.warning("%s; retrying for up to %.0f s", exc, max(0.0, deadline - time.monotonic()))
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -119,7 +132,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
-def _score_batch(client: InferenceClient, paths: list[str], model: str, attempts: int) -> list[dict]:
+def _score_batch(client: InferenceClient, paths: list[str], model: str, patience_s: float) -> list[dict]:
     """Score files together; an invalid image is recorded for its file, the others still scored."""
     blobs, records = [], []
     for path in paths:
@@ -132,19 +145,28 @@ def _score_batch(client: InferenceClient, paths: list[str], model: str, attempts
     if not readable:
         return records
     try:
-        scores = with_retries(lambda: client.score([b for _, b in readable], model=model), attempts)
+        scores = with_retries(lambda: client.score([b for _, b in readable], model=model), patience_s)
     except InvalidArgumentError as exc:
         if len(readable) == 1:
             return records + [{"path": readable[0][0], "error": exc.details}]
-        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, attempts)]
+        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, patience_s)]
     return records + [{"path": p, "probability": float(prob), "logit": float(logit), "model": scores.model,
                        "version": scores.version}
                       for (p, _), prob, logit in zip(readable, scores.probabilities, scores.logits)]
 
 
 def score_job(client: InferenceClient, inputs: list[str], output: Path, model: str = "", batch: int = 64,
-              concurrency: int = 4, attempts: int = 6, progress: bool = True) -> JobSummary:
+              concurrency: int = 4, patience_s: float = DEFAULT_PATIENCE_S, progress: bool = True) -> JobSummary:
     results = ResultFile(output)
+    try:
+        with locking.exclusive(output.with_name(output.name + ".lock"), f"output {output}"):
+            return _score_all(client, inputs, results, model, batch, concurrency, patience_s, progress)
+    except locking.Locked as exc:
+        raise JobError(str(exc)) from None
+
+
+def _score_all(client: InferenceClient, inputs: list[str], results: ResultFile, model: str, batch: int,
+               concurrency: int, patience_s: float, progress: bool) -> JobSummary:
     done = results.done()
     todo = [p for p in dict.fromkeys(inputs) if p not in done]
     start, errors = time.monotonic(), 0
@@ -155,7 +177,7 @@ def score_job(client: InferenceClient, inputs: list[str], output: Path, model: s
             if len(pending) >= concurrency * 2:  # bounded in-flight work, results written in turn
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 errors += _record(results, finished, bar)
-            pending.add(pool.submit(_score_batch, client, chunk, model, attempts))
+            pending.add(pool.submit(_score_batch, client, chunk, model, patience_s))
         errors += _record(results, wait(pending).done, bar)
     bar.close()
     return JobSummary(len(set(inputs)), len(set(inputs)) - len(todo), len(todo), errors, time.monotonic() - start)
@@ -172,16 +194,44 @@ def _record(results: ResultFile, finished, bar) -> int:
 
 
 def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0, chunk: int = 256,
-               model: str = "", concurrency: int = 2, attempts: int = 6, progress: bool = True) -> JobSummary:
-    """``count`` PNGs named ``seed{S}_{i:04d}.png``: chunk k is request seed ``seed + k``."""
+               model: str = "", concurrency: int = 2, patience_s: float = DEFAULT_PATIENCE_S,
+               progress: bool = True) -> JobSummary:
+    """``count`` PNGs named ``seed{S}_{i:04d}.png``: chunk k is request seed ``seed + k``.
+
+    The folder belongs to one job at a time (a lock), and to one model version: the version that
+    made the first samples is recorded in job.json and every later request asks for it, so a
+    resumed job never mixes versions; if the server no longer serves it, the job stops and says so.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with locking.exclusive(out_dir / LOCK_FILE, f"output folder {out_dir}"):
+            return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress)
+    except locking.Locked as exc:
+        raise JobError(str(exc)) from None
+
+
+def _job_version(client: InferenceClient, out_dir: Path, params: dict, patience_s: float) -> int:
+    """The model version of this folder's job: recorded, or the served latest for a new job."""
+    job_file = out_dir / JOB_FILE
+    if job_file.exists():
+        recorded = json.loads(job_file.read_text())
+        if {k: v for k, v in recorded.items() if k != "version"} != params:
+            raise JobError(f"{out_dir} holds a job with other parameters {job_file.read_text().strip()}; "
+                           f"use another --out-dir")
+        if "version" in recorded:
+            return int(recorded["version"])
+    version = with_retries(lambda: client.get_model(params["model"]).latest_version, patience_s)
+    if version <= 0:
+        raise JobError(f"the server has no ready version of model {params['model'] or '(default)'}")
+    atomic_write_text(job_file, json.dumps({**params, "version": version}) + "\n")
+    return version
+
+
+def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, chunk: int, model: str,
+                concurrency: int, patience_s: float, progress: bool) -> JobSummary:
     params = {"count": count, "seed": seed, "chunk": chunk, "model": model}
-    job_file = out_dir / "job.json"
-    if job_file.exists() and json.loads(job_file.read_text()) != params:
-        raise JobError(f"{out_dir} holds a job with other parameters {job_file.read_text().strip()}; "
-                       f"use another --out-dir")
-    atomic_write_text(job_file, json.dumps(params) + "\n")
-    for stale in out_dir.glob(".*.tmp"):  # left by a kill during an atomic write
+    version = _job_version(client, out_dir, params, patience_s)
+    for stale in out_dir.glob(".*.tmp"):  # left by a kill during an atomic write (we hold the lock)
         stale.unlink(missing_ok=True)
     plan = [(seed + k, min(chunk, count - k * chunk)) for k in range((count + chunk - 1) // chunk)]
     names = lambda s, n: [out_dir / f"seed{s}_{i:04d}.png" for i in range(n)]  # noqa: E731
@@ -190,7 +240,13 @@ def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0
     bar = tqdm(total=sum(n for _, n in todo), unit="img", disable=not progress, desc="sampling")
 
     def run(s: int, n: int) -> None:
-        batch = with_retries(lambda: client.sample(n, seed=s, model=model, encoding="png"), attempts)
+        request = lambda: client.sample(n, seed=s, model=model, version=version, encoding="png")  # noqa: E731
+        try:
+            batch = with_retries(request, patience_s)
+        except NotFoundError as exc:
+            raise JobError(f"this folder's samples come from model {model or '(default)'} version {version}, "
+                           f"which the server no longer serves ({exc.details}); serve that version again "
+                           f"to finish, or start over in another --out-dir") from None
         for path, blob in zip(names(s, n), batch.png):
             atomic_write_bytes(path, blob)
         bar.update(n)

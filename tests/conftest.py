@@ -77,7 +77,8 @@ def start_server(repository: Path, **settings):
     from serving.config import ServeConfig
     from serving.server import InferenceServer
 
-    config = ServeConfig(repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **settings).validate()
+    config = ServeConfig(**{"repository": str(repository), "host": "127.0.0.1", "port": 0, "metrics_port": 0,
+                            **settings}).validate()
     return InferenceServer(config).start()
 
 

@@ -4,8 +4,8 @@ import csv
 import json
 import signal
 import subprocess
+import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 from dcgan_core import images
 from serving import jobs
 from serving.client import InferenceClient
-from tests.conftest import start_server
+from tests.conftest import start_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,7 @@ def _cli(server, *args) -> list[str]:
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: ready() or proc.poll() is not None, timeout, poll=0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 
@@ -104,3 +102,93 @@ def test_sample_job_killed_and_resumed_matches_an_uninterrupted_run(server, tmp_
     changed = subprocess.run(_cli(server, "sample-job", "--count", "61", "--out-dir", str(out)),
                              capture_output=True, text=True, timeout=60)
     assert changed.returncode == 2 and "other parameters" in changed.stderr
+
+
+def test_two_score_jobs_on_one_output_the_second_is_refused(server, image_folder, tmp_path):
+    output = tmp_path / "scores.jsonl"
+    args = _cli(server, "score-job", "--input", str(image_folder), "--output", str(output), "--batch", "1",
+                "--concurrency", "1", "--no-progress")
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: output.exists() and output.stat().st_size > 0 or first.poll() is not None)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job ended before the second started; make it longer"
+        assert second.returncode == 2
+        assert f"output {output} is in use by another process (pid {first.pid})" in second.stderr
+        assert first.wait(120) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    paths = [json.loads(line)["path"] for line in output.read_text().splitlines()]
+    assert len(paths) == len(set(paths)) == 242
+
+
+def test_the_same_sample_job_twice_the_second_is_refused(server, tmp_path):
+    out = tmp_path / "samples"
+    args = _cli(server, "sample-job", "--count", "120", "--chunk", "2", "--seed", "1", "--out-dir", str(out),
+                "--concurrency", "1", "--no-progress")
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(list(out.glob("*.png"))) >= 2 or first.poll() is not None)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job ended before the second started; make it longer"
+        assert second.returncode == 2 and f"is in use by another process (pid {first.pid})" in second.stderr
+        assert first.wait(120) == 0, first.stderr.read()  # its temporary files were left alone
+    finally:
+        first.kill()
+    assert len(list(out.glob("*.png"))) == 120 and not list(out.glob(".*.tmp"))
+
+
+def test_a_resumed_sample_job_stays_on_its_model_version(tiny_run, tmp_path):
+    from dcgan_core.repository import Repository
+    from training.export import export_run
+    from tests.repo_faults import add_version
+
+    repository = Repository(tmp_path / "repo")
+    export_run(tiny_run, repository, "tiny")
+    for policy, resumable in (("all", True), ("latest:1", False)):
+        server = start_server(repository.root, poll_s=0, version_policy=policy)
+        out, reference = tmp_path / f"out-{policy}", tmp_path / f"reference-{policy}"
+        try:
+            with InferenceClient(f"127.0.0.1:{server.port}") as client:
+                jobs.sample_job(client, 6, reference, seed=2, chunk=3, progress=False)
+                jobs.sample_job(client, 6, out, seed=2, chunk=3, progress=False)
+                for path in sorted(out.glob("seed3_*.png")):  # as if stopped after the first chunk
+                    path.unlink()
+                add_version(repository, "tiny", source=max(repository.versions("tiny")))
+                server.reload()
+                assert client.sample(1, seed=1).version == max(repository.versions("tiny"))
+                if resumable:
+                    assert jobs.sample_job(client, 6, out, seed=2, chunk=3, progress=False).done == 3
+                    assert all((out / p.name).read_bytes() == p.read_bytes() for p in reference.glob("*.png"))
+                    assert json.loads((out / "job.json").read_text())["version"] == 1
+                else:
+                    with pytest.raises(jobs.JobError, match="version .*which the server no longer serves"):
+                        jobs.sample_job(client, 6, out, seed=2, chunk=3, progress=False)
+        finally:
+            server.stop(grace=1)
+
+
+def test_a_job_waits_for_a_server_that_is_not_there_yet(serving_repo, image_folder, tmp_path):
+    with socket.socket() as probe:  # a free port, where the server will come up later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "scores.csv"
+    args = [sys.executable, "-m", "serving.client_cli", "--target", f"127.0.0.1:{port}", "--timeout", "5",
+            "score-job", "--input", str(image_folder / "img_00*.png"), "--output", str(output), "--no-progress",
+            "--wait-s", "120"]
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stderr:  # the job says it is waiting: now bring the server up
+            if "retrying for up to" in line:
+                break
+        else:
+            pytest.fail(f"the job ended without waiting: {job.stdout.read()}")
+        server = start_server(serving_repo, poll_s=0, port=port)
+        try:
+            assert job.wait(120) == 0
+        finally:
+            server.stop(grace=1)
+    finally:
+        job.kill()
+    rows = list(csv.DictReader(output.read_text().splitlines()))
+    assert len(rows) == 10 and all(not r["error"] for r in rows)
