@@ -105,3 +105,9 @@ def repair(repository: Repository, name: str, version: int, source: int) -> None
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     manifest["version"] = version
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def finish_copy(repository: Repository, name: str, version: int, source: int = 1) -> None:
+    """Copy the ONNX files that ``missing_networks`` left out: the half-copied version completes."""
+    for net in ("generator.onnx", "discriminator.onnx"):
+        shutil.copyfile(repository.version_dir(name, source) / net, repository.version_dir(name, version) / net)

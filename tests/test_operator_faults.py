@@ -20,7 +20,7 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan_core.repository import Repository
 from serving.client import InferenceClient
 from tests.conftest import start_server
-from tests.repo_faults import BROKEN, add_version, missing_networks, repair
+from tests.repo_faults import BROKEN, add_version, finish_copy, missing_networks, repair
 
 FAILED, READY = pb.VERSION_STATE_FAILED, pb.VERSION_STATE_READY
 
@@ -118,8 +118,7 @@ def test_a_half_copied_version_is_retried_by_polling_once_complete(serving_repo,
         assert store.wait_until(lambda: version in store.models()["tiny"].versions, 30)
         entry = store.models()["tiny"].versions[version]
         assert entry.state == "FAILED" and "generator.onnx is missing" in entry.error
-        for name in ("generator.onnx", "discriminator.onnx"):
-            shutil.copyfile(repository.version_dir("tiny", 1) / name, repository.version_dir("tiny", version) / name)
+        finish_copy(repository, "tiny", version)
         assert store.wait_until(lambda: store.models()["tiny"].versions[version].state == "READY", 30)
         with InferenceClient(f"127.0.0.1:{server.port}") as client:
             assert client.sample(1, seed=1).version == version
@@ -136,9 +135,7 @@ def test_a_half_copied_version_is_retried_on_sighup(serving_repo, tmp_path):
             proc.send_signal(signal.SIGHUP)
             _stderr_until(proc, "reload done")
             assert _states(client, "tiny")[version][0] == FAILED
-            for name in ("generator.onnx", "discriminator.onnx"):
-                shutil.copyfile(repository.version_dir("tiny", 1) / name,
-                                repository.version_dir("tiny", version) / name)
+            finish_copy(repository, "tiny", version)
             proc.send_signal(signal.SIGHUP)
             _stderr_until(proc, "reload done")
             assert _states(client, "tiny")[version][0] == READY
