@@ -75,15 +75,14 @@ def test_dry_run_console_script(tmp_path):
 def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     """A real process killed with SIGTERM mid-run leaves a checkpoint; a restart resumes it."""
     import signal
-    import time
+
+    from tests.conftest import wait_for
 
     args = [sys.executable, "-m", "training.cli", "--preset", "ring", "--run-dir", str(tmp_path),
             "--no-progress", "--set", "run.checkpoint_every=100000", "--set", "run.epochs=50"]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
     metrics = tmp_path / "metrics.jsonl"
-    while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size < 20000):
-        time.sleep(0.2)
+    assert wait_for(lambda: metrics.exists() and metrics.stat().st_size >= 20000, 120)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
