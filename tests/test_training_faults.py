@@ -39,7 +39,7 @@ def test_stopped_and_killed_at_random_points_a_run_ends_as_an_uninterrupted_one(
     reference = _train(straight)
     assert reference.wait(300) == 0, reference.stderr.read()
     rng = random.Random(1234)
-    for how in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):
+    for how in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):
         proc = _train(interrupted)
         metrics = interrupted / "metrics.jsonl"
         size = metrics.stat().st_size if metrics.exists() else 0
