@@ -236,22 +236,25 @@ class ModelStore:
             f"files changed on disk and failed to load ({fresh.error}); still serving the files loaded before"))
 
     def _publish(self, name: str, entry: ModelEntry | None, previous: ModelEntry) -> bool:
-        """Swap in the new entry, then retire versions that are gone (after their calls finish)."""
+        """Swap in the new entry, then retire loaded versions it no longer holds (each closes once
+        its in-flight calls finish); True if anything changed."""
         with self._lock:
             if entry is None:
                 self._models.pop(name, None)
             else:
                 self._models[name] = entry
-        kept = {id(e.loaded) for e in (entry.versions.values() if entry else ()) if e.loaded}
-        gone = [e for e in previous.versions.values() if e.loaded and id(e.loaded) not in kept]
-        for state in gone:
+        loaded = lambda model: {id(e.loaded): e for e in model.versions.values() if e.loaded}  # noqa: E731
+        now, before = loaded(entry) if entry else {}, loaded(previous)
+        for key in before.keys() - now.keys():
+            state = before[key]
             log.info("unloading model %s version %s", name, state.version)
             self.metrics.loaded.remove(name, str(state.version), state.loaded.provider)
             state.loaded.retire()
-        for state in (entry.versions.values() if entry else ()):
-            if state.loaded and id(state.loaded) not in {id(e.loaded) for e in previous.versions.values()}:
-                self.metrics.loaded.labels(name, str(state.version), state.loaded.provider).set(1)
-        return bool(gone) or (entry.versions.keys() if entry else set()) != previous.versions.keys()
+        for key in now.keys() - before.keys():
+            state = now[key]
+            self.metrics.loaded.labels(name, str(state.version), state.loaded.provider).set(1)
+        versions = entry.versions if entry else {}
+        return now.keys() != before.keys() or versions.keys() != previous.versions.keys()
 
     def _load_entry(self, name: str, version: int, fingerprint: Fingerprint) -> VersionEntry:
         """The one loader boundary: whatever goes wrong (a bad manifest, unreadable files, an ONNX
