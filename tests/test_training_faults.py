@@ -3,6 +3,7 @@ random points, a full disk, corrupt or foreign inputs, two processes on one run 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -173,8 +175,16 @@ def test_a_flipped_byte_in_an_mnist_gz_without_checksums(mnist_dir, tmp_path):
     for path in mnist_dir.glob("*.gz"):
         shutil.copy(path, tmp_path / path.name)
     target = tmp_path / "train-images-idx3-ubyte.gz"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    original = target.read_bytes()
+    for at in range(len(original)):  # the first flip that zlib itself rejects (not gzip's CRC check)
+        data = bytearray(original)
+        data[at] ^= 0x10
+        try:
+            gzip.decompress(bytes(data))
+        except zlib.error:
+            break
+        except (OSError, EOFError):
+            continue
     target.write_bytes(bytes(data))
     done = _run_cli("--preset", "mnist", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"))
     _one_line_error(done, f"{target}")
