@@ -133,21 +133,46 @@ def load_image_folder(directory: Path, size: int, channels: int, progress: bool 
     """
     if not directory.is_dir():
         raise DataError(f"image folder {directory} does not exist")
-    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    loaded, skipped = [], []
-    for path in tqdm(paths, desc="decoding images", unit="img", disable=not progress):
+    return _decode_all(_image_paths(directory), size, channels, progress, directory)[0]
+
+
+def load_labelled_folder(directory: Path, size: int, channels: int,
+                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images, labels, class names) of a folder with one sub-folder per class; the class names
+    are the sorted sub-folder names, and a class is the index of its name."""
+    if not directory.is_dir():
+        raise DataError(f"image folder {directory} does not exist")
+    names = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"image folder {directory} has no class sub-folders; model.num_classes > 0 needs "
+                        f"one sub-folder per class (or set model.num_classes = 0)")
+    paths = [(path, label) for label, name in enumerate(names) for path in _image_paths(directory / name)]
+    pixels, kept = _decode_all([p for p, _ in paths], size, channels, progress, directory)
+    labels = np.array([paths[i][1] for i in kept], dtype=np.int64)
+    return pixels, labels, names
+
+
+def _image_paths(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _decode_all(paths: list[Path], size: int, channels: int, progress: bool,
+                directory: Path) -> tuple[np.ndarray, list[int]]:
+    """The readable images of ``paths`` as uint8 NCHW and the indices of those that were read."""
+    loaded, kept = [], []
+    for index, path in enumerate(tqdm(paths, desc="decoding images", unit="img", disable=not progress)):
         try:
             with Image.open(path) as img:
                 img = images.to_8bit(img, channels)
                 loaded.append(images.pil_to_chw(images.center_crop_resize(img, size)))
+                kept.append(index)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            skipped.append(path)
             log.warning("skipping unreadable image %s: %s", path, exc)
-    if skipped:
-        log.warning("skipped %d of %d files in %s", len(skipped), len(paths), directory)
+    if len(kept) < len(paths):
+        log.warning("skipped %d of %d files in %s", len(paths) - len(kept), len(paths), directory)
     if not loaded:
         raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
-    return np.stack(loaded)
+    return np.stack(loaded), kept
 
 
 # --------------------------------------------------------------------------- 2-D toys
@@ -186,21 +211,37 @@ def _mix(*numbers: int) -> int:
 
 
 class ImageBatches:
-    """Shuffled batches of an in-memory dataset; each epoch's order depends on (seed, epoch) only."""
+    """Shuffled batches of an in-memory dataset; each epoch's order depends on (seed, epoch) only.
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int):
+    With ``labels`` (class-conditional training) ``labels(epoch, index)`` gives the classes of the
+    same rows as ``batch(epoch, index)``.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None,
+                 class_names: list[str] | None = None):
         if len(data) < batch_size:
             raise DataError(f"dataset has {len(data)} images, fewer than one batch of {batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.class_labels, self.class_names = labels, list(class_names or [])
         self.steps_per_epoch = len(data) // batch_size  # the last partial batch is dropped
         self._order: tuple[int, torch.Tensor] | None = None
 
-    def batch(self, epoch: int, index: int) -> torch.Tensor:
+    def _rows(self, epoch: int, index: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
             self._order = (epoch, torch.randperm(len(self.data), generator=gen))
-        rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
-        return self.data[rows]
+        return self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        return self.data[self._rows(epoch, index)]
+
+    def labels(self, epoch: int, index: int) -> torch.Tensor:
+        return self.class_labels[self._rows(epoch, index)]
+
+    def class_frequencies(self) -> torch.Tensor:
+        """Share of each class in the data: fake labels are drawn with these weights."""
+        counts = torch.bincount(self.class_labels, minlength=len(self.class_names)).double()
+        return counts / counts.sum()
 
 
 class ToyBatches:
@@ -221,14 +262,25 @@ def synthetic_images(count: int, channels: int, size: int, seed: int) -> np.ndar
 
 
 def build_batches(config: TrainConfig) -> ImageBatches | ToyBatches:
-    """The batch source a config asks for."""
+    """The batch source a config asks for (with labels when the model is class-conditional)."""
     d, batch_size, seed = config.data, config.optim.batch_size, config.run.seed
     if config.kind == "toy2d":
         return ToyBatches(toy_mixture(d.dataset), batch_size, d.toy_epoch_samples, seed)
+    classes = config.model.num_classes
+    labels, names = None, [str(c) for c in range(classes)]
     if d.dataset == "mnist":
-        pixels = load_mnist(Path(d.path), "train", d.download)[0]
+        pixels, labels = load_mnist(Path(d.path), "train", d.download)
+        names = [str(digit) for digit in range(10)]
+    elif d.dataset == "folder" and classes:
+        pixels, labels, names = load_labelled_folder(Path(d.path), d.image_size, d.channels, config.run.progress)
     elif d.dataset == "folder":
         pixels = load_image_folder(Path(d.path), d.image_size, d.channels, config.run.progress)
     else:
         pixels = synthetic_images(d.synthetic_samples, d.channels, d.image_size, seed)
-    return ImageBatches(torch.from_numpy(images.uint8_to_model(pixels)), batch_size, seed)
+        labels = np.random.default_rng(seed).integers(0, max(classes, 1), len(pixels))
+    if classes and len(names) != classes:
+        raise DataError(f"{d.path} has {len(names)} classes ({', '.join(names)}), model.num_classes is {classes}")
+    data = torch.from_numpy(images.uint8_to_model(pixels))
+    if not classes:
+        return ImageBatches(data, batch_size, seed)
+    return ImageBatches(data, batch_size, seed, torch.from_numpy(labels.astype(np.int64)), names)

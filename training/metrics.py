@@ -4,6 +4,8 @@ Image metrics use the project's MNIST classifier (training.classifier) in place 
   fd        Fréchet distance between classifier features of samples and of the MNIST test set
   is        classifier Inception Score, exp E[KL(p(y|x) || p(y))], at most 10
   coverage  share of samples per predicted digit (min and max)
+  consistency  (class-conditional samples) share the classifier assigns to the requested class,
+            overall, per class and its minimum
 Toy metrics (PacGAN definitions) for 2-D mixtures:
   toy       modes covered, share of high-quality samples, reverse KL of the mode histogram
 """
@@ -76,22 +78,37 @@ class ImageReference:
         return cls(model, clf.features(model, test), train)
 
 
-ImageMetric = Callable[[np.ndarray, ImageReference], dict]
+#: (model-range samples, reference, requested classes or None) -> {metric: value}
+ImageMetric = Callable[[np.ndarray, ImageReference, np.ndarray | None], dict]
 
 
-def _fd(samples: np.ndarray, ref: ImageReference) -> dict:
+def class_consistency(probabilities: np.ndarray, labels: np.ndarray, classes: int = 10) -> dict:
+    """Share of samples whose predicted class is the one they were generated for."""
+    hits = probabilities.argmax(1) == labels
+    per_class = [float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(classes)]
+    return {"consistency": float(hits.mean()), "consistency_min": float(np.nanmin(per_class)),
+            "consistency_per_class": [round(v, 4) for v in per_class]}
+
+
+def _consistency(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None) -> dict:
+    from training.classifier import predict
+
+    return {} if labels is None else class_consistency(predict(ref.classifier, samples), labels)
+
+
+def _fd(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None = None) -> dict:
     from training.classifier import features
 
     return {"fd": frechet_distance(features(ref.classifier, samples), ref.test_features)}
 
 
-def _is(samples: np.ndarray, ref: ImageReference) -> dict:
+def _is(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None = None) -> dict:
     from training.classifier import predict
 
     return {"is": inception_score(predict(ref.classifier, samples))}
 
 
-def _coverage(samples: np.ndarray, ref: ImageReference) -> dict:
+def _coverage(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None = None) -> dict:
     from training.classifier import predict
 
     coverage = class_coverage(predict(ref.classifier, samples))
@@ -99,15 +116,17 @@ def _coverage(samples: np.ndarray, ref: ImageReference) -> dict:
             "coverage_per_class": coverage["per_class"]}
 
 
-#: name -> function(model-range samples, reference) -> {metric: value}
-IMAGE_METRICS: dict[str, ImageMetric] = {"fd": _fd, "is": _is, "coverage": _coverage}
+IMAGE_METRICS: dict[str, ImageMetric] = {"fd": _fd, "is": _is, "coverage": _coverage,
+                                          "consistency": _consistency}
 
 
-def evaluate_images(samples: np.ndarray, ref: ImageReference, names: list[str] | None = None) -> dict:
-    """Every requested image metric of model-range NCHW samples."""
+def evaluate_images(samples: np.ndarray, ref: ImageReference, names: list[str] | None = None,
+                    labels: np.ndarray | None = None) -> dict:
+    """Every requested image metric of model-range NCHW samples (``labels``: the classes they were
+    generated for, which the class-conditional metrics need; the others ignore them)."""
     result: dict = {"samples": int(len(samples))}
     for name in names or list(IMAGE_METRICS):
-        result.update(IMAGE_METRICS[name](samples, ref))
+        result.update(IMAGE_METRICS[name](samples, ref, labels))
     return result
 
 

@@ -20,14 +20,21 @@ LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
 
 class Generator(nn.Module):
-    """z (N, latent) -> images (N, C, S, S) in [-1, 1]."""
+    """z (N, latent) [and class labels (N,)] -> images (N, C, S, S) in [-1, 1].
 
-    def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int, extra_layers: int = 0):
+    Conditional (``num_classes`` > 0, CGAN): a learned embedding of the label is joined to z.
+    """
+
+    def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int, extra_layers: int = 0,
+                 num_classes: int = 0):
         super().__init__()
         start, ups = LAYOUTS[image_size]
         width = ngf * 2 ** (ups - 1)
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, latent_size) if num_classes else None
+        joined = latent_size * (2 if num_classes else 1)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(latent_size, width, start, 1, 0, bias=False),
+            nn.ConvTranspose2d(joined, width, start, 1, 0, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(True),
         ]
@@ -41,15 +48,22 @@ class Generator(nn.Module):
         self.latent_size = latent_size
         self.main = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.main(z.reshape(z.shape[0], self.latent_size, 1, 1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.main(z.reshape(z.shape[0], z.shape[1], 1, 1))
 
 
 class Discriminator(nn.Module):
-    """images (N, C, S, S) -> logits (N,). Spectral norm, when asked, replaces BatchNorm."""
+    """images (N, C, S, S) [and class labels (N,)] -> logits (N,). Spectral norm, when asked,
+    replaces BatchNorm.
+
+    Conditional (``num_classes`` > 0): a projection discriminator (Miyato & Koyama 2018), logit =
+    head(phi(x)) + <embed(y), sum over space of phi(x)>, phi being every layer but the head.
+    """
 
     def __init__(self, channels: int, image_size: int, ndf: int, use_spectral_norm: bool = False,
-                 extra_layers: int = 0):
+                 extra_layers: int = 0, num_classes: int = 0):
         super().__init__()
         start, downs = LAYOUTS[image_size]
         self._spectral_norm = use_spectral_norm
@@ -64,7 +78,12 @@ class Discriminator(nn.Module):
                 layers += self._block(width, width, 3, 1)
         head = nn.Conv2d(width, 1, start, 1, 0, bias=False)
         layers.append(spectral_norm(head) if use_spectral_norm else head)
-        self.main = nn.Sequential(*layers)
+        self.main = nn.Sequential(*layers)  # one flat Sequential: plain-DCGAN checkpoint names
+        self.num_classes = num_classes
+        self.embed = None
+        if num_classes:
+            embed = nn.Embedding(num_classes, width)
+            self.embed = spectral_norm(embed) if use_spectral_norm else embed
 
     def _block(self, fan_in: int, fan_out: int, kernel: int, stride: int, normalise: bool = True) -> list[nn.Module]:
         """conv + LeakyReLU(0.2): spectral norm on the weights, or else BatchNorm (if ``normalise``).
@@ -75,8 +94,12 @@ class Discriminator(nn.Module):
         norm = [nn.BatchNorm2d(fan_out)] if normalise else []
         return [conv, *norm, nn.LeakyReLU(0.2, inplace=True)]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.main(images).reshape(-1)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is None:
+            return self.main(images).reshape(-1)
+        features = self.main[:-1](images)
+        projection = (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
+        return self.main[-1](features).reshape(-1) + projection
 
 
 def _mlp(sizes: list[int], activation: nn.Module) -> nn.Sequential:
@@ -111,11 +134,11 @@ class ToyDiscriminator(nn.Module):
 
 def dcgan_init(module: nn.Module) -> None:
     """DCGAN initialisation: conv/linear weights N(0, 0.02), BatchNorm N(1, 0.02) and bias 0."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
         weight = getattr(module, "parametrizations", None)
         target = weight.weight.original if weight is not None else module.weight
         nn.init.normal_(target, 0.0, 0.02)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
@@ -129,8 +152,9 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
         generator: nn.Module = ToyGenerator(m.latent_size, m.toy_hidden, m.toy_layers)
         discriminator: nn.Module = ToyDiscriminator(m.toy_hidden, m.toy_layers)
     else:
-        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf, m.g_extra_layers)
-        discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm, m.d_extra_layers)
+        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf, m.g_extra_layers, m.num_classes)
+        discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm, m.d_extra_layers,
+                                      m.num_classes)
     if config.kind == "dcgan":  # dense toys keep PyTorch's default (Kaiming-uniform) init
         generator.apply(dcgan_init)
         discriminator.apply(dcgan_init)
@@ -158,8 +182,11 @@ def recalibrate_batchnorm(generator: nn.Module, latent_size: int, seed: int,
         norm.momentum = None  # cumulative moving average
     model.train()
     gen = torch.Generator(device).manual_seed(seed)
+    classes = getattr(model, "num_classes", 0)
     for _ in range(batches):
-        model(torch.randn(batch_size, latent_size, generator=gen, device=device))
+        z = torch.randn(batch_size, latent_size, generator=gen, device=device)
+        labels = torch.randint(classes, (batch_size,), generator=gen, device=device) if classes else None
+        model(z, labels) if classes else model(z)
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()

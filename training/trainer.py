@@ -125,10 +125,13 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
         self.loss = LOSSES[config.loss.name]
         self.noise = torch.Generator(self.device).manual_seed(_mix(config.run.seed, 1))
-        self.fixed_noise = torch.from_numpy(
-            latents(config.run.seed, config.run.sample_count, config.model.latent_size)).to(self.device)
+        self.classes = config.model.num_classes
         self.batches = batches or build_batches(config)
         self.steps_per_epoch = self.batches.steps_per_epoch
+        if self.classes:
+            self._adopt_class_names(self.batches.class_names)
+            self.fake_label_weights = self.batches.class_frequencies().to(self.device)
+        self.fixed_noise, self.fixed_labels = self._fixed_grid_inputs()
         self.step = 0
         self.g_steps = 0
         self.last_loss_g = float("nan")
@@ -140,6 +143,27 @@ class Trainer:
             pass  # in use by another trainer: say so before anything else (train() holds it)
         if self.checkpoint_path.exists():
             self._resume(force)
+
+    def _adopt_class_names(self, names: list[str]) -> None:
+        """The data's class names go into the config (and so the checkpoint and the manifest)."""
+        configured = self.config.model.class_names
+        if configured and list(configured) != list(names):
+            raise ConfigError(f"model.class_names = {configured} but the data's classes are {names}")
+        self.config.model.class_names = list(names)
+
+    def _fixed_grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents (and labels) of the fixed-noise grid: for a conditional model, one row per class
+        with the same latents in every row, so a column shows one z across the classes."""
+        run, size = self.config.run, self.config.model.latent_size
+        if not self.classes:
+            return torch.from_numpy(latents(run.seed, run.sample_count, size)).to(self.device), None
+        z = torch.from_numpy(latents(run.seed, self.grid_columns, size)).repeat(self.classes, 1)
+        labels = torch.arange(self.classes).repeat_interleave(self.grid_columns)
+        return z.to(self.device), labels.to(self.device)
+
+    @property
+    def grid_columns(self) -> int:
+        return max(4, self.config.run.sample_count // max(1, self.classes))
 
     # ------------------------------------------------------------------ state
 
@@ -192,24 +216,40 @@ class Trainer:
     def _latents(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.model.latent_size, generator=self.noise, device=self.device)
 
-    def train_step(self, real: torch.Tensor) -> dict[str, float]:
-        """One D update on ``real`` and, every d_steps, one G update (D frozen)."""
+    def _fake_labels(self, count: int) -> torch.Tensor | None:
+        """Classes of a fake batch, drawn with the data's class frequencies (None: unconditional,
+        and then no draw, so unconditional runs keep their random streams)."""
+        if not self.classes:
+            return None
+        return torch.multinomial(self.fake_label_weights, count, replacement=True, generator=self.noise)
+
+    def _g(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.G(z) if labels is None else self.G(z, labels)
+
+    def _d(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.D(x) if labels is None else self.D(x, labels)
+
+    def train_step(self, real: torch.Tensor, real_labels: torch.Tensor | None = None) -> dict[str, float]:
+        """One D update on ``real`` and, every d_steps, one G update (D frozen). A conditional
+        model's D sees each batch with its labels: real ones for real images, drawn ones for fakes."""
         update_g = (self.step + 1) % self.config.optim.d_steps == 0
+        fake_labels = self._fake_labels(real.shape[0])
         with self._autocast():
             with torch.set_grad_enabled(update_g):
-                fake = self.G(self._latents(real.shape[0]))
-            real_logits = self.D(real).float()
-            fake_logits = self.D(fake.detach()).float()
+                fake = self._g(self._latents(real.shape[0]), fake_labels)
+            real_logits = self._d(real, real_labels).float()
+            fake_logits = self._d(fake.detach(), fake_labels).float()
             loss_d = self.loss.d_loss(real_logits, fake_logits, 1.0 - self.config.loss.label_smoothing)
-        if self.loss.gradient_penalty:
+        if self.loss.gradient_penalty:  # interpolates of a real and a fake image keep the real label
+            critic = self.D if real_labels is None else (lambda x: self.D(x, real_labels))
             loss_d = loss_d + self.config.loss.gp_weight * gradient_penalty(
-                self.D, real, fake.detach().to(real.dtype), self.noise)
+                critic, real, fake.detach().to(real.dtype), self.noise)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self._set_lr(self.opt_d, self.config.optim.lr_d)
         self.opt_d.step()
         if update_g:
-            self._generator_step(fake)
+            self._generator_step(fake, fake_labels)
         with torch.no_grad():
             stats = torch.stack([
                 loss_d.detach(), torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean(),
@@ -218,10 +258,10 @@ class Trainer:
         return {"loss_d": loss_d_value, "loss_g": self.last_loss_g, "d_real": d_real,
                 "d_fake": d_fake, "d_acc": d_acc}
 
-    def _generator_step(self, fake: torch.Tensor) -> None:
+    def _generator_step(self, fake: torch.Tensor, labels: torch.Tensor | None) -> None:
         self.D.requires_grad_(False)
         with self._autocast():
-            loss_g = self.loss.g_loss(self._top_k(self.D(fake).float()))
+            loss_g = self.loss.g_loss(self._top_k(self._d(fake, labels).float()))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self._set_lr(self.opt_g, self.config.optim.lr_g)
@@ -304,7 +344,10 @@ class Trainer:
             while self.step < total:
                 epoch, index = divmod(self.step, spe)
                 real = self.batches.batch(epoch, index).to(self.device, memory_format=self.memory_format)
-                stats = self.train_step(real)
+                if self.classes:
+                    stats = self.train_step(real, self.batches.labels(epoch, index).to(self.device))
+                else:
+                    stats = self.train_step(real)
                 self._check_finite(stats, epoch)
                 self.step += 1
                 self.metrics.write({"step": self.step, "epoch": epoch, **stats})
@@ -368,8 +411,11 @@ class Trainer:
         evaluations trains exactly as one without."""
         from training import metrics  # the classifier is only needed here
 
-        z = latents(self.config.run.seed, self.config.run.eval_samples, self.config.model.latent_size)
-        samples = self.generate(torch.from_numpy(z).to(self.device))
+        count = self.config.run.eval_samples
+        z = latents(self.config.run.seed, count, self.config.model.latent_size)
+        labels = np.arange(count) % self.classes if self.classes else None  # balanced classes
+        samples = self.generate(torch.from_numpy(z).to(self.device),
+                                None if labels is None else torch.from_numpy(labels).to(self.device))
         if self.config.kind == "toy2d":
             toy = metrics.toy_metrics(samples, toy_mixture(self.config.data.dataset))
             missing = toy["modes"] - toy["modes_covered"]
@@ -378,8 +424,9 @@ class Trainer:
         if self._reference is None:
             self._reference = metrics.ImageReference.load(Path(self.config.data.path),
                                                           progress=self.config.run.progress)
-        result = metrics.evaluate_images(samples, self._reference)
-        scores = {key: float(result[key]) for key in ("fd", "is", "coverage_min", "coverage_max")}
+        result = metrics.evaluate_images(samples, self._reference, labels=labels)
+        keys = ("fd", "is", "coverage_min", "coverage_max") + (("consistency", "consistency_min") if self.classes else ())
+        scores = {key: float(result[key]) for key in keys}
         return {**scores, "objective": scores["fd"]}
 
     def sampling_generator(self) -> nn.Module:
@@ -389,15 +436,23 @@ class Trainer:
         return recalibrate_batchnorm(self.ema, self.config.model.latent_size, self.config.run.seed)
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> np.ndarray:
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> np.ndarray:
         """Samples of :meth:`sampling_generator` in eval mode, as float32 numpy."""
-        return self.sampling_generator()(z).float().cpu().numpy()
+        generator = self.sampling_generator()
+        return (generator(z) if labels is None else generator(z, labels)).float().cpu().numpy()
 
     def save_samples(self, path: Path) -> None:
-        """The fixed-noise grid (toys: a scatter plot) at ``path`` and as samples/latest.png."""
-        samples = self.generate(self.fixed_noise if self.config.kind == "dcgan" else self._toy_noise())
+        """The fixed-noise grid (toys: a scatter plot) at ``path`` and as samples/latest.png; a
+        conditional model's grid has one row per class, labelled with the class name."""
+        if self.config.kind == "dcgan":
+            samples = self.generate(self.fixed_noise, self.fixed_labels)
+        else:
+            samples = self.generate(self._toy_noise())
         for target in (path, path.parent / "latest.png"):
-            if self.config.kind == "dcgan":
+            if self.config.kind == "dcgan" and self.classes:
+                reporting.save_image_grid(samples, target, nrow=self.grid_columns,
+                                          row_labels=self.config.model.class_names)
+            elif self.config.kind == "dcgan":
                 reporting.save_image_grid(samples, target)
             else:
                 modes = toy_mixture(self.config.data.dataset).means
