@@ -56,6 +56,7 @@ class NetworkSpec:
     output_name: str
     output_shape: list[int | None]
     sha256: str
+    label_input: str = ""  # class-conditional networks: the name of their int64 [N] class input
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)  # resolved training config + step
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation results at export
     format_version: int = FORMAT_VERSION
+    num_classes: int = 0  # > 0: class-conditional (both networks take labels too)
+    class_names: list[str] = field(default_factory=list)  # label i is class_names[i]
 
     @property
     def channels(self) -> int:
@@ -120,14 +123,19 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         spec = need(net, dict)
         networks[net] = NetworkSpec(**{key: need(key, kind, spec, f"{net}.") for key, kind in [
             ("file", str), ("input_name", str), ("input_shape", list), ("output_name", str),
-            ("output_shape", list), ("sha256", str)]})
+            ("output_shape", list), ("sha256", str)]}, label_input=str(spec.get("label_input", "")))
+    classes, names = data.get("num_classes", 0), data.get("class_names", [])  # absent in older manifests
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise RepositoryError(f"{where}: manifest field 'num_classes' must be an integer >= 0")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) not in (0, classes):
+        raise RepositoryError(f"{where}: manifest field 'class_names' must list {classes} names")
     return Manifest(
         name=need("name", str), version=need("version", int), kind=data["kind"],
         latent_size=need("latent_size", int), sample_shape=need("sample_shape", list),
         value_range=need("value_range", list), opset=need("opset", int), created=need("created", str),
         source_run=data.get("source_run", ""), training=data.get("training", {}),
         metrics=data.get("metrics", {}), generator=networks["generator"],
-        discriminator=networks["discriminator"])
+        discriminator=networks["discriminator"], num_classes=classes, class_names=names)
 
 
 class Repository:

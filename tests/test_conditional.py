@@ -112,3 +112,30 @@ def test_class_consistency():
     assert result["consistency"] == pytest.approx(5 / 6)
     assert result["consistency_per_class"] == [1.0, pytest.approx(2 / 3, abs=1e-4), 1.0]
     assert result["consistency_min"] == pytest.approx(2 / 3)
+
+
+def test_a_conditional_run_exports_with_labels_and_the_server_says_it_cannot_serve_it_yet(tmp_path):
+    import onnxruntime as ort
+
+    from dcgan_core.latents import latents
+    from dcgan_core.repository import Repository
+    from training.export import export_run, load_run
+    from tests.conftest import start_server
+
+    Trainer(conditional(tmp_path / "run", run={"max_steps": 3})).train()
+    repository = Repository(tmp_path / "repo")
+    manifest = export_run(tmp_path / "run", repository, "cond")
+    assert (manifest.num_classes, manifest.class_names) == (3, ["0", "1", "2"])
+    assert manifest.generator.label_input == manifest.discriminator.label_input == "labels"
+    assert repository.manifest("cond", 1) == manifest  # the written manifest reads back the same
+    session = ort.InferenceSession(str(repository.version_dir("cond", 1) / "generator.onnx"))
+    z, labels = latents(5, 6, 8), np.array([0, 1, 2, 2, 1, 0], np.int64)
+    with torch.no_grad():
+        expected = load_run(tmp_path / "run").generator(torch.from_numpy(z), torch.from_numpy(labels)).numpy()
+    np.testing.assert_allclose(session.run(None, {"z": z, "labels": labels})[0], expected, rtol=1e-3, atol=1e-5)
+    server = start_server(repository.root, poll_s=0)
+    try:
+        entry = server.store.models()["cond"].versions[1]
+        assert entry.state == "FAILED" and "class-conditional (3 classes)" in entry.error
+    finally:
+        server.stop(grace=1)

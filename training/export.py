@@ -33,6 +33,7 @@ for _chatty in ("onnxscript", "onnx_ir"):  # the exporter's optimizer logs every
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 GENERATOR_FILE, DISCRIMINATOR_FILE = "generator.onnx", "discriminator.onnx"
 PARITY_BATCHES = (1, 7, 64)
+LABEL_INPUT = "labels"  # int64 [N] class input of both conditional networks
 
 
 class ExportError(RuntimeError):
@@ -70,40 +71,44 @@ def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpo
     return LoadedRun(config, generator.eval(), discriminator.eval(), state["step"], Path(run_dir))
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
-    """torch.onnx (dynamo) export with a dynamic batch dimension, then onnx's full check."""
+def _export(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+            output_name: str) -> None:
+    """torch.onnx (dynamo) export with one dynamic batch dimension shared by every input, then
+    onnx's full check."""
+    batch = torch.export.Dim("batch")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
-                          verbose=False)
+        torch.onnx.export(model, example, str(path), input_names=input_names, output_names=[output_name],
+                          dynamic_shapes=tuple({0: batch} for _ in example), external_data=False, verbose=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def check_parity(model: nn.Module, path: Path, inputs: list[np.ndarray], options: ExportOptions) -> dict[str, float]:
+def check_parity(model: nn.Module, path: Path, inputs: list[tuple[np.ndarray, ...]],
+                 options: ExportOptions) -> dict[str, float]:
     """Max abs/rel error of onnxruntime vs torch for each batch; ExportError past the tolerance."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     report = {}
-    for batch in inputs:
+    for arrays in inputs:
         with torch.no_grad():
-            expected = model(torch.from_numpy(batch)).numpy()
-        actual = session.run(None, {input_name: batch})[0]
+            expected = model(*(torch.from_numpy(a) for a in arrays)).numpy()
+        actual = session.run(None, dict(zip(names, arrays)))[0]
+        size = len(arrays[0])
         if actual.shape != expected.shape:
-            raise ExportError(f"{path.name}: batch {len(batch)} gives shape {actual.shape}, torch {expected.shape}")
+            raise ExportError(f"{path.name}: batch {size} gives shape {actual.shape}, torch {expected.shape}")
         error = np.abs(actual - expected)
-        report[f"batch_{len(batch)}_max_abs_error"] = float(error.max())
+        report[f"batch_{size}_max_abs_error"] = float(error.max())
         if not np.all(error <= options.atol + options.rtol * np.abs(expected)):
             worst = np.unravel_index(np.argmax(error - options.rtol * np.abs(expected)), error.shape)
             raise ExportError(
-                f"{path.name}: onnxruntime differs from torch at batch {len(batch)}: max abs error "
+                f"{path.name}: onnxruntime differs from torch at batch {size}: max abs error "
                 f"{error.max():.3g}, at {tuple(int(i) for i in worst)} ort={actual[worst]:.6g} "
                 f"torch={expected[worst]:.6g}; tolerance rtol={options.rtol} atol={options.atol}")
     return report
 
 
-def _parity_inputs(config: TrainConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Latents for G and model-range inputs for D, for each parity batch size."""
+def _parity_inputs(config: TrainConfig) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, ...]]]:
+    """(latents[, labels]) for G and (model-range inputs[, labels]) for D, per parity batch size."""
     z = [latents(1000 + n, n, config.model.latent_size) for n in PARITY_BATCHES]
     rng = np.random.default_rng(0)
     if config.kind == "toy2d":
@@ -111,7 +116,10 @@ def _parity_inputs(config: TrainConfig) -> tuple[list[np.ndarray], list[np.ndarr
     else:
         shape = (config.data.channels, config.data.image_size, config.data.image_size)
         x = [images.uint8_to_model(rng.integers(0, 256, (n, *shape), dtype=np.uint8)) for n in PARITY_BATCHES]
-    return z, x
+    if not config.model.num_classes:
+        return [(a,) for a in z], [(a,) for a in x]
+    labels = [rng.integers(0, config.model.num_classes, n, dtype=np.int64) for n in PARITY_BATCHES]
+    return list(zip(z, labels)), list(zip(x, labels))
 
 
 def _opset(path: Path) -> int:
@@ -126,18 +134,20 @@ def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[s
     sample_shape = [2] if config.kind == "toy2d" else [config.data.channels, config.data.image_size,
                                                        config.data.image_size]
     z_inputs, x_inputs = _parity_inputs(config)
+    label_input = [LABEL_INPUT] if config.model.num_classes else []
 
     def build(folder: Path) -> Manifest:
         parity = {}
-        for net, model, inputs, file, names in [
+        for net, model, inputs, file, (input_name, output_name) in [
             ("generator", run.generator, z_inputs, GENERATOR_FILE, ("z", "samples")),
             ("discriminator", run.discriminator, x_inputs, DISCRIMINATOR_FILE, ("samples", "logits")),
         ]:
             log.info("exporting %s to %s", net, file)
-            _export(model, torch.from_numpy(inputs[1][:2]), folder / file, *names)
+            example = tuple(torch.from_numpy(a[:2]) for a in inputs[1])
+            _export(model, example, folder / file, [input_name, *label_input], output_name)
             parity[net] = check_parity(model, folder / file, inputs, options)
         spec = lambda file, i, o, i_shape, o_shape: NetworkSpec(  # noqa: E731
-            file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(folder / file))
+            file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(folder / file), *label_input)
         return Manifest(
             name=name, version=0, kind=config.kind, latent_size=config.model.latent_size,
             sample_shape=sample_shape, value_range=list(images.VALUE_RANGE), opset=_opset(folder / GENERATOR_FILE),
@@ -149,6 +159,7 @@ def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[s
                       "generator_weights":
                       "ema" if options.use_ema and config.run.ema_decay > 0 else "raw",
                       "parity": {**parity, "rtol": options.rtol, "atol": options.atol}},
-            metrics=metrics or {})
+            metrics=metrics or {}, num_classes=config.model.num_classes,
+            class_names=list(config.model.class_names))
 
     return repository.publish(name, build)
