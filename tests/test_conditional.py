@@ -139,3 +139,15 @@ def test_a_conditional_run_exports_with_labels_and_the_server_says_it_cannot_ser
         assert entry.state == "FAILED" and "class-conditional (3 classes)" in entry.error
     finally:
         server.stop(grace=1)
+
+
+def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnist_dir):
+    from training.evaluate import evaluate, load_samples
+
+    Trainer(conditional(tmp_path / "run", classes=10, run={"max_steps": 2})).train()
+    samples = load_samples(tmp_path / "run", 200, seed=0)
+    assert samples.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    result = evaluate(samples, mnist_dir, ["consistency", "fd"], floor=True, progress=False)
+    assert 0.0 <= result["consistency"] <= 1.0 and len(result["consistency_per_class"]) == 10
+    assert len(result["fd_per_class"]) == 10
+    assert result["real_floor"]["consistency"] > 0.98  # real digits are what the classifier was trained on

@@ -35,6 +35,12 @@ class EvalError(ValueError):
 class Samples:
     values: np.ndarray  # model-range float32 NCHW, or [N, 2] points
     toy: str | None  # mixture name for 2-D points
+    labels: np.ndarray | None = None  # the classes a conditional generator was asked for
+
+
+def balanced_labels(count: int, classes: int) -> np.ndarray | None:
+    """Class i % classes for sample i: equal shares (10k samples of 10 classes: 1k each)."""
+    return np.arange(count, dtype=np.int64) % classes if classes else None
 
 
 def _from_checkpoint(run_dir: Path, count: int, seed: int, checkpoint_name: str) -> Samples:
@@ -42,19 +48,35 @@ def _from_checkpoint(run_dir: Path, count: int, seed: int, checkpoint_name: str)
 
     run = load_run(run_dir, checkpoint_name=checkpoint_name)
     z = torch.from_numpy(latents(seed, count, run.config.model.latent_size))
+    labels = balanced_labels(count, run.config.model.num_classes)
     with torch.no_grad():
-        values = np.concatenate([run.generator(chunk).numpy() for chunk in z.split(1000)])
-    return Samples(values, run.config.data.dataset if run.config.kind == "toy2d" else None)
+        if labels is None:
+            values = np.concatenate([run.generator(chunk).numpy() for chunk in z.split(1000)])
+        else:
+            y = torch.from_numpy(labels)
+            values = np.concatenate([run.generator(a, b).numpy() for a, b in zip(z.split(1000), y.split(1000))])
+    return Samples(values, run.config.data.dataset if run.config.kind == "toy2d" else None, labels)
 
 
 def _from_onnx(path: Path, count: int, seed: int, toy: str | None) -> Samples:
+    """An exported generator; a conditional one (a second input) gets balanced labels, its class
+    count read from the manifest beside it."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    spec = session.get_inputs()[0]
-    z = latents(seed, count, int(spec.shape[1]))
-    values = np.concatenate([session.run(None, {spec.name: z[i : i + 1000]})[0] for i in range(0, count, 1000)])
-    return Samples(values, toy if values.ndim == 2 else None)
+    inputs = session.get_inputs()
+    z = latents(seed, count, int(inputs[0].shape[1]))
+    labels = None
+    if len(inputs) > 1:
+        manifest = path.parent / "manifest.json"
+        classes = json.loads(manifest.read_text()).get("num_classes", 0) if manifest.exists() else 0
+        if not classes:
+            raise EvalError(f"{path} takes class labels but no manifest.json beside it says how many classes")
+        labels = balanced_labels(count, classes)
+    feeds = lambda i: {inputs[0].name: z[i : i + 1000], **({} if labels is None else  # noqa: E731
+                                                            {inputs[1].name: labels[i : i + 1000]})}
+    values = np.concatenate([session.run(None, feeds(i))[0] for i in range(0, count, 1000)])
+    return Samples(values, toy if values.ndim == 2 else None, labels)
 
 
 def _from_array(array: np.ndarray, toy: str | None, where: str) -> Samples:
@@ -100,7 +122,7 @@ def evaluate(samples: Samples, mnist_dir: Path, names: list[str] | None = None,
         raise EvalError(f"image metrics use the MNIST classifier: samples must be 1x28x28, "
                         f"got {list(samples.values.shape[1:])}")
     reference = metrics.ImageReference.load(mnist_dir, progress=progress)
-    result = metrics.evaluate_images(samples.values, reference, names)
+    result = metrics.evaluate_images(samples.values, reference, names, samples.labels)
     if floor:
         result["real_floor"] = metrics.real_floor(reference, names)
     return result

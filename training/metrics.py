@@ -66,6 +66,8 @@ class ImageReference:
     classifier: object
     test_features: np.ndarray
     train_samples: np.ndarray  # model range, for the real-vs-real floor
+    test_labels: np.ndarray | None = None  # for per-class FD
+    train_labels: np.ndarray | None = None  # for the floor of the class-conditional metrics
 
     @classmethod
     def load(cls, mnist_dir: Path, cache_dir: Path | None = None, progress: bool = True,
@@ -73,9 +75,11 @@ class ImageReference:
         from training import classifier as clf
 
         model = clf.load_classifier(mnist_dir, cache_dir, progress)
-        test = images.uint8_to_model(load_mnist(mnist_dir, "test")[0])
-        train = images.uint8_to_model(load_mnist(mnist_dir, "train")[0][:floor_samples])
-        return cls(model, clf.features(model, test), train)
+        test, test_labels = load_mnist(mnist_dir, "test")
+        train, train_labels = load_mnist(mnist_dir, "train")
+        return cls(model, clf.features(model, images.uint8_to_model(test)),
+                   images.uint8_to_model(train[:floor_samples]), test_labels.astype(np.int64),
+                   train_labels[:floor_samples].astype(np.int64))
 
 
 #: (model-range samples, reference, requested classes or None) -> {metric: value}
@@ -97,9 +101,16 @@ def _consistency(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | 
 
 
 def _fd(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None = None) -> dict:
+    """FD overall; with labels also per class, against the test images of that class."""
     from training.classifier import features
 
-    return {"fd": frechet_distance(features(ref.classifier, samples), ref.test_features)}
+    feats = features(ref.classifier, samples)
+    result = {"fd": frechet_distance(feats, ref.test_features)}
+    if labels is not None and ref.test_labels is not None:
+        per_class = [frechet_distance(feats[labels == c], ref.test_features[ref.test_labels == c])
+                     for c in range(10) if (labels == c).sum() > 1]
+        result.update(fd_class_max=float(max(per_class)), fd_per_class=[round(v, 3) for v in per_class])
+    return result
 
 
 def _is(samples: np.ndarray, ref: ImageReference, labels: np.ndarray | None = None) -> dict:
@@ -132,4 +143,4 @@ def evaluate_images(samples: np.ndarray, ref: ImageReference, names: list[str] |
 
 def real_floor(ref: ImageReference, names: list[str] | None = None) -> dict:
     """The same metrics for real training images against the test set: the best a model can do."""
-    return evaluate_images(ref.train_samples, ref, names)
+    return evaluate_images(ref.train_samples, ref, names, ref.train_labels)
