@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
 MNIST  ?= ../shared/datasets/mnist
 
-.PHONY: setup proto test serve train-mnist train-ring bench clean
+.PHONY: setup proto test serve train-mnist train-ring bench clean api-check api-accept
 
 setup: $(VENV)/.installed proto
 
@@ -21,6 +21,14 @@ proto: $(VENV)/.installed $(PROTOS:.proto=_pb2.py)
 
 protos/%_pb2.py: protos/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $<
+
+# The API contract: buf lint (STANDARD) and buf breaking against the accepted API image.
+api-check: setup
+	cd protos && ../$(VENV)/bin/buf lint && ../$(VENV)/bin/buf breaking --against api-image.json
+
+# Accept the current .proto as the API (after a deliberate, reviewed change).
+api-accept: setup
+	cd protos && ../$(VENV)/bin/buf build -o api-image.json
 
 test: setup
 	$(PY) -m pytest

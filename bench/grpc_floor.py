@@ -24,7 +24,7 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from serving.codec import array_to_tensor  # noqa: E402
 
 
-class NoWorkServicer(pb_grpc.InferenceServicer):
+class NoWorkServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.response = pb.SampleResponse(model="floor", version=1, seed=1, provider="none",
                                           samples=array_to_tensor(np.zeros((1, 1, 28, 28), np.uint8)))
@@ -40,7 +40,7 @@ class NoWorkServicer(pb_grpc.InferenceServicer):
 
 async def serve(port: int) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(NoWorkServicer(), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(NoWorkServicer(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening on port {bound}", flush=True)

@@ -68,7 +68,7 @@ def concurrent_clients(target: str, clients: int, seconds: float, request: pb.Sa
         stop_at = time.perf_counter() + seconds
 
         async def client(channel: grpc.aio.Channel) -> None:
-            stub = pb_grpc.InferenceStub(channel)
+            stub = pb_grpc.InferenceServiceStub(channel)
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
                 await stub.Sample(request)
@@ -143,9 +143,9 @@ def main() -> None:
     batching_on, target_on = start_server(args.repository, args.device, server_args)
     batching_off, target_off = start_server(args.repository, args.device, [*server_args, "--no-batching"])
     floor, target_floor = start([sys.executable, "-m", "bench.grpc_floor"])
-    floor_stub = pb_grpc.InferenceStub(grpc.insecure_channel(target_floor))
+    floor_stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target_floor))
     channel = grpc.insecure_channel(target_on, options=[("grpc.max_receive_message_length", 64 << 20)])
-    stub = pb_grpc.InferenceStub(channel)
+    stub = pb_grpc.InferenceServiceStub(channel)
     single = pb.SampleRequest(model=args.model, count=1, seed=1, encoding=pb.ENCODING_RAW_UINT8)
     score = pb.ScoreRequest(model=args.model, tensor=make_tensor(digits))
 

@@ -91,7 +91,7 @@ class InferenceClient:
         limit = max_message_mb * 1024 * 1024
         options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
         self.channel = channel or security.channel(target, options, tls_ca, token)
-        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.timeout = timeout
         self.call_options = {"timeout": timeout, "wait_for_ready": wait_for_ready}
 
@@ -105,11 +105,11 @@ class InferenceClient:
         self.channel.close()
 
     def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
-                 encoding: str, include_scores: bool, chunk_size: int = 0) -> pb.SampleRequest:
+                 encoding: str, include_scores: bool) -> pb.SampleRequest:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
         request = pb.SampleRequest(model=model, version=version, count=count, encoding=ENCODINGS[encoding],
-                                   include_scores=include_scores, chunk_size=chunk_size)
+                                   include_scores=include_scores)
         if seed is not None:
             request.seed = seed
         if latents is not None:
@@ -140,10 +140,11 @@ class InferenceClient:
     def sample_stream(self, count: int, *, model: str = "", version: int = 0, seed: int | None = None,
                       encoding: str = "auto", include_scores: bool = False, chunk_size: int = 0) -> Iterator[Samples]:
         """The samples of one seeded request, in chunks (for counts too large for one message)."""
-        request = self._request(count, model, version, seed, None, encoding, include_scores, chunk_size)
+        request = pb.SampleStreamRequest(sample=self._request(count, model, version, seed, None, encoding,
+                                                             include_scores), chunk_size=chunk_size)
         try:
             for response in self.stub.SampleStream(request, **self.call_options):
-                yield self._samples(response)
+                yield self._samples(response.chunk)
         except grpc.RpcError as error:
             raise _typed(error) from None
 
@@ -169,7 +170,7 @@ class InferenceClient:
 
     def get_model(self, model: str = "") -> pb.ModelInfo:
         try:
-            return self.stub.GetModel(pb.GetModelRequest(model=model), **self.call_options)
+            return self.stub.GetModel(pb.GetModelRequest(model=model), **self.call_options).model
         except grpc.RpcError as error:
             raise _typed(error) from None
 

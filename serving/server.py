@@ -1,6 +1,6 @@
 """``dcgan-serve``: the gRPC inference server.
 
-Serves dcgan.v1.Inference, grpc.health.v1.Health (overall "" and one entry per model name) and
+Serves dcgan.v1.InferenceService, grpc.health.v1.Health (overall "" and one entry per model name) and
 server reflection. SIGTERM/SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight
 calls get ``grace_s`` to finish, then the process exits 0.
 
@@ -38,7 +38,7 @@ from serving.servicer import InferenceServicer
 from serving.store import ModelStore, RepositoryWatcher
 
 log = logging.getLogger("dcgan-serve")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
 class InferenceServer:
@@ -79,7 +79,7 @@ class InferenceServer:
             interceptors.insert(0, security.BearerTokenInterceptor(self._token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
                                                 self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -43,7 +43,7 @@ def call_of(context: grpc.aio.ServicerContext) -> Call:
     return Call(deadline, lambda: not ended.is_set())
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, service: InferenceService, metrics: ServingMetrics, reload=lambda: None):
         self.service, self.metrics, self.reload = service, metrics, reload
 
@@ -116,18 +116,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 result = await self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
                 return await self._encoded(result, encoding, 0)
 
-    async def SampleStream(self, request: pb.SampleRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleResponse]:
-        async with self._rpc("SampleStream", request.model, context):
-            with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
-                encoding, z, seed = self._prepare_sample(request, loaded)
+    async def SampleStream(self, request: pb.SampleStreamRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleStreamResponse]:
+        sample = request.sample
+        async with self._rpc("SampleStream", sample.model, context):
+            with self.service.admitted(), self.service.use(sample.model, sample.version) as loaded:
+                encoding, z, seed = self._prepare_sample(sample, loaded)
                 chunks = self.service.chunks(len(z), request.chunk_size)
                 self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
                 call = call_of(context)
                 for offset, size in chunks:
                     result = await self.service.sample(loaded, z[offset : offset + size], seed,
-                                                       request.include_scores, call)
-                    yield await self._encoded(result, encoding, offset)
+                                                       sample.include_scores, call)
+                    yield pb.SampleStreamResponse(chunk=await self._encoded(result, encoding, offset))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._rpc("Score", request.model, context):
@@ -173,11 +174,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      default_model=store.default_model)
 
     async def ReloadModels(self, request: pb.ReloadModelsRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+                           context: grpc.aio.ServicerContext) -> pb.ReloadModelsResponse:
         async with self._rpc("ReloadModels", "", context):
             await asyncio.to_thread(self.reload)  # loading and warming models takes seconds
-            return self._list_models()
+            listing = self._list_models()
+            return pb.ReloadModelsResponse(models=listing.models, default_model=listing.default_model)
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         async with self._rpc("GetModel", request.model, context):
-            return self._model_info(self.service.store.entry(request.model))
+            return pb.GetModelResponse(model=self._model_info(self.service.store.entry(request.model)))

@@ -160,7 +160,7 @@ def channel(server):
 
 VALID = {
     "Sample": pb.SampleRequest(count=2, seed=3).SerializeToString(),
-    "SampleStream": pb.SampleRequest(count=3, seed=3, chunk_size=2).SerializeToString(),
+    "SampleStream": pb.SampleStreamRequest(sample=pb.SampleRequest(count=3, seed=3), chunk_size=2).SerializeToString(),
     "Score": pb.ScoreRequest(images=[GOOD_PNG]).SerializeToString(),
     "GetModel": pb.GetModelRequest(model="toy").SerializeToString(),
     "ListModels": b"",
@@ -168,7 +168,7 @@ VALID = {
 
 
 def _call(channel: grpc.Channel, method: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
-    path = f"/dcgan.v1.Inference/{method}"
+    path = f"/dcgan.v1.InferenceService/{method}"
     try:
         if method == "SampleStream":
             list(channel.unary_stream(path)(payload, timeout=30))
@@ -204,7 +204,7 @@ def test_fuzzed_image_files(channel, blobs):
 def test_undecodable_request_is_invalid_argument(channel):
     code, details = _call(channel, "Sample", b"\xff\xff\xff")
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "request bytes of /dcgan.v1.Inference/Sample do not parse" in details
+    assert "request bytes of /dcgan.v1.InferenceService/Sample do not parse" in details
 
 
 @pytest.mark.parametrize("field, shape", [("latents", [1] * 65), ("latents", [2**62, 2**62, 0]),

@@ -221,7 +221,7 @@ def test_list_and_get_model(client):
 def test_health_and_reflection(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "dcgan.v1.Inference", "tiny", "toy"):
+        for service in ("", "dcgan.v1.InferenceService", "tiny", "toy"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as error:
@@ -230,7 +230,7 @@ def test_health_and_reflection(server):
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         services = {s.name for s in answer.list_services_response.service}
-        assert {"dcgan.v1.Inference", "grpc.health.v1.Health"} <= services
+        assert {"dcgan.v1.InferenceService", "grpc.health.v1.Health"} <= services
 
 
 def test_prometheus_metrics_during_traffic(server, client):
