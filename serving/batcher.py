@@ -38,14 +38,39 @@ class Stopped(RuntimeError):
     """The batcher is shutting down and takes no new requests."""
 
 
+#: One request's inputs: an array, or a tuple of arrays with the same rows (a conditional
+#: network's inputs and labels); rows are what is merged, cut and counted.
+Inputs = np.ndarray | tuple[np.ndarray, ...]
+
+
+def rows(inputs: Inputs) -> int:
+    return len(inputs[0]) if isinstance(inputs, tuple) else len(inputs)
+
+
+def _split(inputs: Inputs, pieces: int) -> list[Inputs]:
+    if isinstance(inputs, tuple):
+        return list(zip(*(np.array_split(part, pieces) for part in inputs)))
+    return np.array_split(inputs, pieces)
+
+
+def _concatenate(batches: list[Inputs]) -> Inputs:
+    if isinstance(batches[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*batches))
+    return np.concatenate(batches)
+
+
 @dataclass
 class _Request:
-    inputs: np.ndarray
+    inputs: Inputs
     deadline: float | None  # time.monotonic() value
     is_active: Callable[[], bool]
     piece: bool = False  # one piece of a cut request: runs alone, beside its sibling pieces
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return rows(self.inputs)
 
     def expired(self, now: float) -> bool:
         return (self.deadline is not None and now >= self.deadline) or not self.is_active()
@@ -64,7 +89,7 @@ class BatchStats:
 class DynamicBatcher:
     """Merges concurrent ``submit`` calls into batched calls of ``run``."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 64,
+    def __init__(self, run: Callable[[Inputs], np.ndarray], max_batch_size: int = 64,
                  max_queue_delay_s: float = 0.002, max_queue: int = 1024, enabled: bool = True,
                  name: str = "batcher", on_batch: Callable[[BatchStats], None] | None = None,
                  workers: int = 1, min_piece: int = 16):
@@ -81,7 +106,7 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, inputs: np.ndarray, deadline: float | None = None,
+    def submit(self, inputs: Inputs, deadline: float | None = None,
                is_active: Callable[[], bool] = lambda: True) -> Future:
         """Queue ``inputs`` (a batch of 1+ items); the future resolves to their outputs.
 
@@ -94,11 +119,11 @@ class DynamicBatcher:
             free = self.max_queue - len(self._queue)
             if free <= 0:
                 raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
-            pieces = max(1, min(self.workers, len(inputs) // self.min_piece, free))
-            parts = [inputs] if pieces == 1 else np.array_split(inputs, pieces)
+            pieces = max(1, min(self.workers, rows(inputs) // self.min_piece, free))
+            parts = [inputs] if pieces == 1 else _split(inputs, pieces)
             requests = [_Request(part, deadline, is_active, pieces > 1) for part in parts]
             self._queue.extend(requests)
-            self._queued_items += len(inputs)
+            self._queued_items += rows(inputs)
             self._cond.notify_all() if pieces > 1 else self._cond.notify()
         return requests[0].future if pieces == 1 else _joined([r.future for r in requests])
 
@@ -128,11 +153,11 @@ class DynamicBatcher:
                         break
                     self._cond.wait(remaining)
             taken = [self._queue.popleft()]
-            size = len(taken[0].inputs)
+            size = taken[0].rows
             while (self.enabled and not taken[0].piece and self._queue and not self._queue[0].piece
-                   and size + len(self._queue[0].inputs) <= self.max_batch_size):
+                   and size + self._queue[0].rows <= self.max_batch_size):
                 taken.append(self._queue.popleft())
-                size += len(taken[-1].inputs)
+                size += taken[-1].rows
             self._queued_items -= size
             return taken
 
@@ -163,18 +188,18 @@ class DynamicBatcher:
     def _execute(self, requests: list[_Request], now: float) -> None:
         start = time.perf_counter()
         try:
-            batch = requests[0].inputs if len(requests) == 1 else np.concatenate([r.inputs for r in requests])
+            batch = requests[0].inputs if len(requests) == 1 else _concatenate([r.inputs for r in requests])
             outputs = self._run(batch)
         except Exception as exc:  # a failed run fails its requests, never the worker
-            log.exception("batch of %d failed", sum(len(r.inputs) for r in requests))
+            log.exception("batch of %d failed", sum(r.rows for r in requests))
             for request in requests:
                 request.future.set_exception(exc)
             return
         compute = time.perf_counter() - start
         offset = 0
         for request in requests:
-            request.future.set_result(outputs[offset : offset + len(request.inputs)])
-            offset += len(request.inputs)
+            request.future.set_result(outputs[offset : offset + request.rows])
+            offset += request.rows
         if self._on_batch:
             wait = max(now - r.enqueued for r in requests)
             self._on_batch(BatchStats(offset, len(requests), wait, compute))

@@ -59,6 +59,7 @@ class Samples:
     logits: np.ndarray | None = None
     offset: int = 0
     provider: str = ""
+    labels: np.ndarray | None = None  # class-conditional models: the class of each sample
 
 
 @dataclass
@@ -68,6 +69,13 @@ class Scores:
     probabilities: np.ndarray
     logits: np.ndarray
     provider: str = ""
+    labels: np.ndarray | None = None  # class-conditional models: the class each image was scored under
+
+
+def _labels(labels: Sequence[int] | int | None) -> list[int]:
+    if labels is None:
+        return []
+    return [int(labels)] if np.ndim(labels) == 0 else [int(v) for v in labels]
 
 
 def tensor_array(tensor: pb.Tensor) -> np.ndarray:
@@ -105,11 +113,11 @@ class InferenceClient:
         self.channel.close()
 
     def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
-                 encoding: str, include_scores: bool) -> pb.SampleRequest:
+                 encoding: str, include_scores: bool, labels: Sequence[int] | int | None = None) -> pb.SampleRequest:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
         request = pb.SampleRequest(model=model, version=version, count=count, encoding=ENCODINGS[encoding],
-                                   include_scores=include_scores)
+                                   include_scores=include_scores, labels=_labels(labels))
         if seed is not None:
             request.seed = seed
         if latents is not None:
@@ -126,31 +134,37 @@ class InferenceClient:
         return Samples(response.model, response.version, response.seed, pixels, list(response.png),
                        np.array(response.scores, np.float32) if scored else None,
                        np.array(response.logits, np.float32) if scored else None, response.offset,
-                       response.provider)
+                       response.provider, np.array(response.labels, np.int64) if response.labels else None)
 
     def sample(self, count: int = 0, *, model: str = "", version: int = 0, seed: int | None = None,
-               latents: np.ndarray | None = None, encoding: str = "auto", include_scores: bool = False) -> Samples:
-        """``count`` samples (or one per latent row); same seed, same images."""
-        request = self._request(count, model, version, seed, latents, encoding, include_scores)
+               latents: np.ndarray | None = None, encoding: str = "auto", include_scores: bool = False,
+               labels: Sequence[int] | int | None = None) -> Samples:
+        """``count`` samples (or one per latent row); same seed, same images. ``labels``
+        (class-conditional models): one class for all, or one per sample."""
+        request = self._request(count, model, version, seed, latents, encoding, include_scores, labels)
         try:
             return self._samples(self.stub.Sample(request, **self.call_options))
         except grpc.RpcError as error:
             raise _typed(error) from None
 
     def sample_stream(self, count: int, *, model: str = "", version: int = 0, seed: int | None = None,
-                      encoding: str = "auto", include_scores: bool = False, chunk_size: int = 0) -> Iterator[Samples]:
+                      encoding: str = "auto", include_scores: bool = False, chunk_size: int = 0,
+                      labels: Sequence[int] | int | None = None) -> Iterator[Samples]:
         """The samples of one seeded request, in chunks (for counts too large for one message)."""
         request = pb.SampleStreamRequest(sample=self._request(count, model, version, seed, None, encoding,
-                                                             include_scores), chunk_size=chunk_size)
+                                                             include_scores, labels), chunk_size=chunk_size)
         try:
             for response in self.stub.SampleStream(request, **self.call_options):
                 yield self._samples(response.chunk)
         except grpc.RpcError as error:
             raise _typed(error) from None
 
-    def score(self, images: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0) -> Scores:
-        """Probability of being real per image: a uint8/float32 array, or encoded image files."""
-        request = pb.ScoreRequest(model=model, version=version)
+    def score(self, images: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0,
+              labels: Sequence[int] | int | None = None) -> Scores:
+        """Probability of being real per image: a uint8/float32 array, or encoded image files.
+        ``labels`` (class-conditional models): the class each image claims; without them each
+        is scored under its most likely class."""
+        request = pb.ScoreRequest(model=model, version=version, labels=_labels(labels))
         if isinstance(images, np.ndarray):
             request.tensor.CopyFrom(make_tensor(images))
         else:
@@ -160,7 +174,8 @@ class InferenceClient:
         except grpc.RpcError as error:
             raise _typed(error) from None
         return Scores(response.model, response.version, np.array(response.probabilities, np.float32),
-                      np.array(response.logits, np.float32), response.provider)
+                      np.array(response.logits, np.float32), response.provider,
+                      np.array(response.labels, np.int64) if response.labels else None)
 
     def models(self) -> pb.ListModelsResponse:
         try:

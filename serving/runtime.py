@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dcgan_core.repository import NetworkSpec, RepositoryError
+from serving.batcher import Inputs
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -62,7 +63,8 @@ def execution_plan(device: str, workers: int = 0, threads: int = 0) -> tuple[int
 
 
 class OnnxNetwork:
-    """One ONNX file with one input and one output, run on whole batches."""
+    """One ONNX file run on whole batches: one float32 input (and, for a class-conditional
+    network, an int64 labels input) and one output."""
 
     def __init__(self, path: Path, device: str = "auto", threads: int = 0):
         options = ort.SessionOptions()
@@ -73,7 +75,7 @@ class OnnxNetwork:
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise RuntimeUnavailable(f"{path.name}: CUDA provider failed to start; got {self.provider}")
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.path = path
         log.info("loaded %s on %s", path, self.provider)
@@ -82,19 +84,27 @@ class OnnxNetwork:
         """The file must be the network the manifest says (a swapped or foreign file is refused
         here, with both signatures, instead of failing on the first request)."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        actual = [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]]) for t in (inputs[0], outputs[0])]
-        expected = [(spec.input_name, list(spec.input_shape[1:])), (spec.output_name, list(spec.output_shape[1:]))]
-        if len(inputs) != 1 or len(outputs) != 1 or actual != expected:
-            show = lambda sig: " -> ".join(f"{n!r} [N, {', '.join(map(str, s))}]" for n, s in sig)  # noqa: E731
-            raise RepositoryError(f"{self.path.name} maps {show(actual)}, but the manifest's {network} "
-                                  f"maps {show(expected)} (wrong or swapped file)")
+        signature = lambda tensors: [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]])  # noqa: E731
+                                     for t in tensors]
+        actual = signature([*inputs, *outputs])
+        expected = [(spec.input_name, list(spec.input_shape[1:]))]
+        expected += [(spec.label_input, [])] if spec.label_input else []
+        expected += [(spec.output_name, list(spec.output_shape[1:]))]
+        if len(outputs) != 1 or actual != expected:
+            show = lambda sig: ", ".join(f"{n!r} [N, {', '.join(map(str, s))}]".replace(", ]", "]")  # noqa: E731
+                                         for n, s in sig)
+            raise RepositoryError(f"{self.path.name} has {show(actual)}, but the manifest's {network} "
+                                  f"has {show(expected)} (wrong or swapped file)")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Outputs for a float32 batch; on CUDA through IOBinding (output copied back once)."""
+    def run(self, batch: Inputs) -> np.ndarray:
+        """Outputs for a float32 batch (with its int64 labels, for a conditional network); on CUDA
+        through IOBinding (output copied back once)."""
+        arrays = batch if isinstance(batch, tuple) else (batch,)
         if self.provider != CUDA:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run([self.output_name], dict(zip(self.input_names, arrays)))[0]
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        for name, array in zip(self.input_names, arrays):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
         binding.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -102,4 +112,5 @@ class OnnxNetwork:
     def warm_up(self, sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
         """Run once per batch size so the first request does not pay for allocation/tuning."""
         for size in batch_sizes:
-            self.run(np.zeros((size, *sample_shape), np.float32))
+            inputs = np.zeros((size, *sample_shape), np.float32)
+            self.run((inputs, np.zeros(size, np.int64)) if len(self.input_names) > 1 else inputs)

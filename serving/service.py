@@ -47,6 +47,7 @@ class SampleResult:
     seed: int
     samples: np.ndarray  # float32, model range
     logits: np.ndarray | None
+    labels: np.ndarray | None = None  # class-conditional models: the class of each sample
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ScoreResult:
     manifest: Manifest
     provider: str
     logits: np.ndarray
+    labels: np.ndarray | None = None  # class-conditional models: the class each image was scored under
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -193,19 +195,47 @@ class InferenceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
+    def labels_for(self, manifest: Manifest, count: int, seed: int | None, requested: list[int],
+                   what: str = "labels") -> np.ndarray | None:
+        """The classes of a request: as sent (``count`` values, or one for all), or for a sample
+        request that sent none, drawn from its seed (dcgan_core.latents.labels); None for an
+        unconditional model."""
+        classes, name = manifest.num_classes, manifest.name
+        if not classes:
+            if requested:
+                raise InvalidArgument(f"model {name!r} is not class-conditional: send no {what}")
+            return None
+        if not requested:
+            if seed is None:
+                raise InvalidArgument(f"model {name!r} is class-conditional: explicit latents need labels "
+                                      f"(0..{classes - 1}), one per row or one for all")
+            return latent_rng.labels(seed, count, classes)
+        if len(requested) not in (1, count):
+            raise InvalidArgument(f"{what} has {len(requested)} values; model {name!r} needs {count} (one per "
+                                  f"sample) or 1 (for all)")
+        values = np.asarray(requested, dtype=np.int64)
+        outside = (values < 0) | (values >= classes)
+        if outside.any():
+            index = int(np.argmax(outside))
+            raise InvalidArgument(f"{what}[{index}] = {int(values[index])} is out of range for model {name!r}: "
+                                  f"classes are 0..{classes - 1}")
+        return np.full(count, values[0]) if len(values) == 1 else values
+
     def check_count(self, count: int) -> None:
         if not 1 <= count <= self.config.max_count:
             raise InvalidArgument(f"count must be in 1..{self.config.max_count}, got {count}")
 
     async def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
-                     call: Call) -> SampleResult:
-        samples = await self._run(loaded.generator, z, call)
+                     call: Call, labels: np.ndarray | None = None) -> SampleResult:
+        samples = await self._run(loaded.generator, z if labels is None else (z, labels), call)
         bad = _first_non_finite(samples)
         if bad is not None:  # never an OK answer with NaN pixels (they would encode as zeros)
             raise Internal(f"model {loaded.manifest.name!r} version {loaded.manifest.version}: the generator "
                            f"produced NaN or infinite values for sample {bad}")
-        logits = await self._run(loaded.discriminator, samples, call) if include_scores else None
-        return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits)
+        logits = None
+        if include_scores:
+            logits = await self._run(loaded.discriminator, samples if labels is None else (samples, labels), call)
+        return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits, labels)
 
     # ------------------------------------------------------------------ scoring
 
@@ -228,14 +258,26 @@ class InferenceService:
                 raise InvalidArgument(f"image {bad} has float32 values outside the model range "
                                       f"[{low}, {high}] (send uint8 0..255, or scale to [-1, 1])")
 
-    async def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call) -> ScoreResult:
-        self.check_score_inputs(loaded.manifest, inputs)
-        logits = await self._run(loaded.discriminator, inputs.astype(np.float32, copy=False), call)
+    async def score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call,
+                    requested_labels: list[int] = ()) -> ScoreResult:
+        """Logits of ``inputs``; a class-conditional model scores each image under its label, or
+        without labels under every class, keeping the class with the largest logit."""
+        manifest = loaded.manifest
+        self.check_score_inputs(manifest, inputs)
+        inputs = inputs.astype(np.float32, copy=False)
+        if manifest.num_classes and not requested_labels:
+            classes = manifest.num_classes
+            every = (np.concatenate([inputs] * classes), np.repeat(np.arange(classes, dtype=np.int64), len(inputs)))
+            table = (await self._run(loaded.discriminator, every, call)).reshape(classes, len(inputs))
+            labels, logits = table.argmax(axis=0), table.max(axis=0)
+        else:
+            labels = self.labels_for(manifest, len(inputs), None, list(requested_labels))
+            logits = await self._run(loaded.discriminator, inputs if labels is None else (inputs, labels), call)
         bad = _first_non_finite(logits)
         if bad is not None:
             raise InvalidArgument(f"input {bad} gives a NaN or infinite logit: its values are too large "
                                   f"for model {loaded.manifest.name!r}")
-        return ScoreResult(loaded.manifest, loaded.provider, logits)
+        return ScoreResult(manifest, loaded.provider, logits, labels)
 
     def chunks(self, count: int, chunk_size: int) -> list[tuple[int, int]]:
         """(offset, size) of each SampleStream message."""

@@ -80,18 +80,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return name if name in store.models() else UNKNOWN_MODEL
 
     def _prepare_sample(self, request: pb.SampleRequest, loaded):
+        """(encoding, latents, seed, labels) of a sample request."""
         encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
         explicit = codec.tensor_to_array(request.latents, "latents") if request.HasField("latents") else None
         if explicit is not None and explicit.dtype != np.float32:
             raise codec.InvalidArgument("latents must be DTYPE_FLOAT32")
         seed = request.seed if request.HasField("seed") else None
         z, seed = self.service.latents_for(loaded.manifest, request.count, seed, explicit)
-        return encoding, z, seed
+        labels = self.service.labels_for(loaded.manifest, len(z), None if explicit is not None else seed,
+                                         list(request.labels))
+        return encoding, z, seed, labels
 
     def _response(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
         response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version,
                                      seed=result.seed, offset=offset, provider=result.provider)
         codec.encode_samples(response, result.samples, encoding)
+        if result.labels is not None:
+            response.labels.extend(result.labels.tolist())
         if result.logits is not None:
             response.logits.extend(result.logits.tolist())
             response.scores.extend(probabilities(result.logits).tolist())
@@ -111,9 +116,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._rpc("Sample", request.model, context):
             with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
-                encoding, z, seed = self._prepare_sample(request, loaded)
+                encoding, z, seed, labels = self._prepare_sample(request, loaded)
                 self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
-                result = await self.service.sample(loaded, z, seed, request.include_scores, call_of(context))
+                result = await self.service.sample(loaded, z, seed, request.include_scores, call_of(context), labels)
                 return await self._encoded(result, encoding, 0)
 
     async def SampleStream(self, request: pb.SampleStreamRequest,
@@ -121,13 +126,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         sample = request.sample
         async with self._rpc("SampleStream", sample.model, context):
             with self.service.admitted(), self.service.use(sample.model, sample.version) as loaded:
-                encoding, z, seed = self._prepare_sample(sample, loaded)
+                encoding, z, seed, labels = self._prepare_sample(sample, loaded)
                 chunks = self.service.chunks(len(z), request.chunk_size)
                 self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
                 call = call_of(context)
                 for offset, size in chunks:
-                    result = await self.service.sample(loaded, z[offset : offset + size], seed,
-                                                       sample.include_scores, call)
+                    part = slice(offset, offset + size)
+                    result = await self.service.sample(loaded, z[part], seed, sample.include_scores, call,
+                                                       None if labels is None else labels[part])
                     yield pb.SampleStreamResponse(chunk=await self._encoded(result, encoding, offset))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -138,10 +144,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     inputs = await asyncio.to_thread(codec.score_inputs, request, loaded.manifest, limit)
                 else:
                     inputs = codec.score_inputs(request, loaded.manifest, limit)
-                result = await self.service.score(loaded, inputs, call_of(context))
+                result = await self.service.score(loaded, inputs, call_of(context), list(request.labels))
                 return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
                                         probabilities=result.probabilities.tolist(),
-                                        logits=result.logits.tolist(), provider=result.provider)
+                                        logits=result.logits.tolist(), provider=result.provider,
+                                        labels=[] if result.labels is None else result.labels.tolist())
 
     def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
         info = pb.ModelInfo(name=entry.name)
@@ -154,8 +161,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 manifest_json=state.manifest_json))
         manifests = [s.loaded.manifest for _, s in sorted(entry.versions.items()) if s.loaded]
         if manifests:
-            info.kind, info.latent_size = manifests[-1].kind, manifests[-1].latent_size
-            info.sample_shape.extend(manifests[-1].sample_shape)
+            latest = manifests[-1]
+            info.kind, info.latent_size, info.num_classes = latest.kind, latest.latent_size, latest.num_classes
+            info.sample_shape.extend(latest.sample_shape)
+            info.class_names.extend(latest.class_names)
         else:
             for state in entry.versions.values():  # describe a failed model from its manifest, if readable
                 with contextlib.suppress(ValueError, KeyError, TypeError):

@@ -102,9 +102,6 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
                  metrics: ServingMetrics) -> LoadedVersion:
     """Validate, load and warm up one version; raises on any problem."""
     manifest = repository.manifest(name, version)
-    if manifest.num_classes:
-        raise RepositoryError(f"model {name!r} version {version} is class-conditional ({manifest.num_classes} "
-                              f"classes); this server does not serve conditional models yet")
     folder = repository.version_dir(name, version)
     workers, threads = execution_plan(config.device, config.batch_workers, config.ort_threads)
     networks = {}
