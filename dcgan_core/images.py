@@ -119,6 +119,21 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
     return grid
 
 
+def caption_rows(grid: np.ndarray, labels: list[str], cell: int, padding: int = 2) -> np.ndarray:
+    """A ``make_grid`` grid with a white margin on its left holding each row's label (the classes
+    of a conditional model's rows)."""
+    from PIL import ImageDraw
+
+    canvas = to_pil(grid)
+    width = 8 + 7 * max(len(label) for label in labels)
+    framed = Image.new(canvas.mode, (canvas.width + width, canvas.height), "white" if canvas.mode == "RGB" else 255)
+    framed.paste(canvas, (width, 0))
+    draw = ImageDraw.Draw(framed)
+    for row, label in enumerate(labels):
+        draw.text((4, padding + row * (cell + padding) + cell // 2 - 5), label, fill=0)
+    return pil_to_chw(framed)
+
+
 def save_png(image_chw: np.ndarray, path: str | Path) -> None:
     """Write one uint8 CHW image as PNG atomically (temporary file, then rename)."""
     atomic_write_bytes(Path(path), encode_png(image_chw))

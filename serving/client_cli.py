@@ -4,6 +4,8 @@
     dcgan-client sample --count 16 --seed 1 --out-dir samples/
     dcgan-client score a.png b.png
     dcgan-client models
+    dcgan-client sample --model mnist-cond --label 7 --count 16 --out sevens.png
+    dcgan-client sample --model mnist-cond --per-class 8 --out grid.png
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from serving.client import ClientError, InferenceClient
 def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
     if bool(args.out) == bool(args.out_dir):
         raise SystemExit("dcgan-client sample: give exactly one of --out GRID.png or --out-dir DIR")
+    if args.per_class:
+        return _per_class_grid(client, args)
     batch = client.sample(args.count, model=args.model, version=args.version, seed=args.seed,
-                          encoding="png" if args.out_dir else "uint8")
+                          encoding="png" if args.out_dir else "uint8", labels=args.label)
     if args.out:
         images.save_png(images.make_grid(batch.images), args.out)
         print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, seed {batch.seed}")
@@ -35,13 +39,31 @@ def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
     print(f"wrote {len(batch.png)} PNGs to {out} ({batch.model} v{batch.version}, seed {batch.seed})")
 
 
+def _per_class_grid(client: InferenceClient, args: argparse.Namespace) -> None:
+    """One labelled row of ``--per-class`` samples for each class of a conditional model."""
+    info = client.get_model(args.model)
+    if not info.num_classes:
+        raise SystemExit(f"dcgan-client sample: --per-class needs a class-conditional model; "
+                         f"{info.name} has no classes")
+    if not args.out:
+        raise SystemExit("dcgan-client sample: --per-class writes one grid: use --out GRID.png")
+    labels = [c for c in range(info.num_classes) for _ in range(args.per_class)]
+    batch = client.sample(len(labels), model=args.model, version=args.version, seed=args.seed, labels=labels)
+    grid = images.make_grid(batch.images, args.per_class)
+    names = list(info.class_names) or [str(c) for c in range(info.num_classes)]
+    images.save_png(images.caption_rows(grid, names, batch.images.shape[2]), args.out)
+    print(f"wrote {args.out}: {args.per_class} samples per class of {batch.model} v{batch.version}, seed {batch.seed}")
+
+
 def _score(client: InferenceClient, args: argparse.Namespace) -> None:
     blobs = [Path(f).read_bytes() for f in args.files]
-    scores = client.score(blobs, model=args.model, version=args.version)
+    scores = client.score(blobs, model=args.model, version=args.version, labels=args.label)
     width = max(len(f) for f in args.files)
-    print(f"{'file':<{width}}  p(real)   logit    ({scores.model} v{scores.version})")
-    for name, p, logit in zip(args.files, scores.probabilities, scores.logits):
-        print(f"{name:<{width}}  {p:7.4f}  {logit:8.3f}")
+    label_column = "  class" if scores.labels is not None else ""
+    print(f"{'file':<{width}}  p(real)   logit{label_column}    ({scores.model} v{scores.version})")
+    for index, (name, p, logit) in enumerate(zip(args.files, scores.probabilities, scores.logits)):
+        label = f"  {scores.labels[index]:5d}" if scores.labels is not None else ""
+        print(f"{name:<{width}}  {p:7.4f}  {logit:8.3f}{label}")
 
 
 def _models(client: InferenceClient, args: argparse.Namespace) -> None:
@@ -67,7 +89,7 @@ def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
 
 def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
     summary = jobs.sample_job(client, args.count, Path(args.out_dir), args.seed, args.chunk, args.model,
-                              args.concurrency, args.wait_s, not args.no_progress)
+                              args.concurrency, args.wait_s, not args.no_progress, label=args.label)
     print(f"sample-job: {summary}; PNGs in {args.out_dir}")
 
 
@@ -84,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--seed", type=int, help="same seed, same images (default: the server draws one)")
     sample.add_argument("--out", help="write one grid PNG")
     sample.add_argument("--out-dir", help="write one PNG per sample")
+    sample.add_argument("--per-class", type=int, help="conditional models: a grid (--out) of this many "
+                                                      "samples per class, one labelled row per class")
     score = commands.add_parser("score", help="probability of being real for image files")
     score.add_argument("files", nargs="+")
     score_job = commands.add_parser("score-job", help="score many files into CSV/JSONL, resumably")
@@ -95,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     sample_job.add_argument("--out-dir", required=True)
     sample_job.add_argument("--seed", type=int, default=0, help="chunk k uses seed + k")
     sample_job.add_argument("--chunk", type=int, default=256, help="images per request")
+    sample_job.add_argument("--label", type=int, help="conditional models: the class of every sample")
     for sub in (score_job, sample_job):
         sub.add_argument("--model", default="")
         sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (sample, score):
         sub.add_argument("--model", default="", help="model name (default: the server's default model)")
         sub.add_argument("--version", type=int, default=0, help="version (default: latest)")
+        sub.add_argument("--label", type=int, help="conditional models: the class of every image "
+                                                   "(default: drawn from the seed / the most likely class)")
     args = parser.parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None

@@ -195,7 +195,7 @@ def _record(results: ResultFile, finished, bar) -> int:
 
 def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0, chunk: int = 256,
                model: str = "", concurrency: int = 2, patience_s: float = DEFAULT_PATIENCE_S,
-               progress: bool = True) -> JobSummary:
+               progress: bool = True, label: int | None = None) -> JobSummary:
     """``count`` PNGs named ``seed{S}_{i:04d}.png``: chunk k is request seed ``seed + k``.
 
     The folder belongs to one job at a time (a lock), and to one model version: the version that
@@ -205,7 +205,8 @@ def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with locking.exclusive(out_dir / LOCK_FILE, f"output folder {out_dir}"):
-            return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress)
+            return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress,
+                               label)
     except locking.Locked as exc:
         raise JobError(str(exc)) from None
 
@@ -228,8 +229,10 @@ def _job_version(client: InferenceClient, out_dir: Path, params: dict, patience_
 
 
 def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, chunk: int, model: str,
-                concurrency: int, patience_s: float, progress: bool) -> JobSummary:
+                concurrency: int, patience_s: float, progress: bool, label: int | None) -> JobSummary:
     params = {"count": count, "seed": seed, "chunk": chunk, "model": model}
+    if label is not None:  # (absent for unlabelled jobs, so their job.json stays as it was)
+        params["label"] = label
     version = _job_version(client, out_dir, params, patience_s)
     for stale in out_dir.glob(".*.tmp"):  # left by a kill during an atomic write (we hold the lock)
         stale.unlink(missing_ok=True)
@@ -240,7 +243,8 @@ def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, c
     bar = tqdm(total=sum(n for _, n in todo), unit="img", disable=not progress, desc="sampling")
 
     def run(s: int, n: int) -> None:
-        request = lambda: client.sample(n, seed=s, model=model, version=version, encoding="png")  # noqa: E731
+        request = lambda: client.sample(n, seed=s, model=model, version=version, encoding="png",  # noqa: E731
+                                        labels=label)
         try:
             batch = with_retries(request, patience_s)
         except NotFoundError as exc:

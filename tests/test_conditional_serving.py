@@ -120,3 +120,31 @@ def test_model_info_reports_the_classes(client):
     info = client.get_model("cond")
     assert (info.num_classes, list(info.class_names)) == (3, ["0", "1", "2"])
     assert client.get_model("plain").num_classes == 0
+
+
+def test_the_cli_samples_a_class_a_per_class_grid_and_scores_a_class(server, client, tmp_path, capsys):
+    from PIL import Image
+
+    from dcgan_core import images
+    from serving.client_cli import main
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    assert main([*target, "sample", "--model", "cond", "--per-class", "4", "--seed", "1",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.height == 2 + 3 * (28 + 2) and grid.width > 2 + 4 * (28 + 2)  # 3 rows + the label margin
+    assert main([*target, "sample", "--model", "cond", "--label", "2", "--count", "5", "--seed", "1",
+                 "--out-dir", str(tmp_path / "twos")]) == 0
+    made = sorted((tmp_path / "twos").glob("*.png"))
+    expected = client.sample(5, model="cond", seed=1, labels=2).images
+    assert np.array_equal(np.stack([images.decode_image(p.read_bytes()) for p in made]), expected)
+    capsys.readouterr()
+    assert main([*target, "score", "--model", "cond", "--label", "1", *map(str, made[:2])]) == 0
+    out = capsys.readouterr().out
+    assert "class" in out.splitlines()[0] and out.splitlines()[1].split()[-1] == "1"
+    assert main([*target, "sample-job", "--model", "cond", "--label", "0", "--count", "6", "--chunk", "3",
+                 "--out-dir", str(tmp_path / "job"), "--no-progress"]) == 0
+    reference = client.sample(3, model="cond", seed=0, labels=0, encoding="png").png
+    assert (tmp_path / "job" / "seed0_0000.png").read_bytes() == reference[0]
+    with pytest.raises(SystemExit, match="--per-class needs a class-conditional model; plain has no classes"):
+        main([*target, "sample", "--model", "plain", "--per-class", "2", "--out", str(tmp_path / "x.png")])

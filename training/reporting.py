@@ -108,22 +108,8 @@ def save_image_grid(samples: np.ndarray, path: Path, nrow: int | None = None,
     captioned on its left (a conditional model's classes)."""
     grid = images.make_grid(images.model_to_uint8(samples), nrow)
     if row_labels:
-        grid = _caption_rows(grid, row_labels, samples.shape[2])
+        grid = images.caption_rows(grid, row_labels, samples.shape[2])
     images.save_png(grid, path)
-
-
-def _caption_rows(grid: np.ndarray, labels: list[str], cell: int, padding: int = 2) -> np.ndarray:
-    """The grid with a white margin on its left holding each row's label."""
-    from PIL import Image, ImageDraw
-
-    canvas = images.to_pil(grid).convert("L" if grid.shape[0] == 1 else "RGB")
-    width = 8 + 7 * max(len(label) for label in labels)
-    framed = Image.new(canvas.mode, (canvas.width + width, canvas.height), "white" if canvas.mode == "RGB" else 255)
-    framed.paste(canvas, (width, 0))
-    draw = ImageDraw.Draw(framed)
-    for row, label in enumerate(labels):
-        draw.text((4, padding + row * (cell + padding) + cell // 2 - 5), label, fill=0)
-    return images.pil_to_chw(framed)
 
 
 def save_toy_scatter(samples: np.ndarray, modes: np.ndarray, path: Path, title: str = "") -> None:
