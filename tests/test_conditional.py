@@ -151,3 +151,19 @@ def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnis
     assert 0.0 <= result["consistency"] <= 1.0 and len(result["consistency_per_class"]) == 10
     assert len(result["fd_per_class"]) == 10
     assert result["real_floor"]["consistency"] > 0.98  # real digits are what the classifier was trained on
+
+
+def test_conditional_batchnorm_generator_trains_resumes_and_exports(tmp_path):
+    from dcgan_core.repository import Repository
+    from training.export import export_run
+
+    config = lambda d, **run: conditional(tmp_path / d, model={"g_conditioning": "cbn"}, run=run)  # noqa: E731
+    Trainer(config("a", max_steps=5)).train()
+    Trainer(config("a")).train()
+    Trainer(config("b")).train()
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("a", "b"))
+    assert any("gain" in key for key in a["generator"])
+    for key, tensor in b["generator"].items():
+        assert torch.equal(a["generator"][key], tensor), key
+    manifest = export_run(tmp_path / "a", Repository(tmp_path / "repo"), "cbn")  # parity checked inside
+    assert manifest.num_classes == 3

@@ -43,7 +43,8 @@ class ModelConfig:
     g_extra_layers: int = 0  # 3x3 stride-1 convs after each of G's hidden upsampling layers
     toy_hidden: int = 256  # hidden width of the dense toy networks
     toy_layers: int = 3  # hidden layers of the dense toy networks
-    num_classes: int = 0  # > 0: class-conditional G (label embedding joined to z) and projection D
+    num_classes: int = 0  # > 0: class-conditional G and a projection D
+    g_conditioning: str = "embed"  # conditional G: embed (label embedding joined to z) | cbn (conditional BatchNorm)
     class_names: list = field(default_factory=list)  # filled from the data (MNIST digits, sub-folder names)
 
 
@@ -126,6 +127,7 @@ class TrainConfig:
         _check(m.d_extra_layers >= 0 and m.g_extra_layers >= 0, "model.d_extra_layers/g_extra_layers",
                (m.d_extra_layers, m.g_extra_layers), "integers >= 0")
         _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0: unconditional)")
+        _check(m.g_conditioning in ("embed", "cbn"), "model.g_conditioning", m.g_conditioning, "embed or cbn")
         _check(m.num_classes == 0 or self.kind == "dcgan", "model.num_classes", m.num_classes,
                "0 for the 2-D toys (they are unconditional)")
         _check(m.num_classes == 0 or d.dataset != "mnist" or m.num_classes == 10, "model.num_classes",

@@ -19,31 +19,48 @@ from training.config import TrainConfig
 LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose scale and shift are looked up per class (de Vries et al. 2017; BigGAN)."""
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(features, affine=False)
+        self.gain = nn.Embedding(num_classes, features)
+        self.bias = nn.Embedding(num_classes, features)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], -1, 1, 1)
+        return self.norm(x) * self.gain(labels).reshape(shape) + self.bias(labels).reshape(shape)
+
+
 class Generator(nn.Module):
     """z (N, latent) [and class labels (N,)] -> images (N, C, S, S) in [-1, 1].
 
-    Conditional (``num_classes`` > 0, CGAN): a learned embedding of the label is joined to z.
+    Conditional (``num_classes`` > 0): ``conditioning`` "embed" joins a learned embedding of the
+    label to z (CGAN); "cbn" makes every BatchNorm class-conditional instead.
     """
 
     def __init__(self, latent_size: int, channels: int, image_size: int, ngf: int, extra_layers: int = 0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, conditioning: str = "embed"):
         super().__init__()
         start, ups = LAYOUTS[image_size]
         width = ngf * 2 ** (ups - 1)
         self.num_classes = num_classes
-        self.embed = nn.Embedding(num_classes, latent_size) if num_classes else None
-        joined = latent_size * (2 if num_classes else 1)
+        joins = num_classes and conditioning == "embed"
+        self.embed = nn.Embedding(num_classes, latent_size) if joins else None
+        norm = (lambda n: ConditionalBatchNorm2d(n, num_classes)) if num_classes and not joins else nn.BatchNorm2d
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(joined, width, start, 1, 0, bias=False),
-            nn.BatchNorm2d(width),
+            nn.ConvTranspose2d(latent_size * (2 if joins else 1), width, start, 1, 0, bias=False),
+            norm(width),
             nn.ReLU(True),
         ]
         for _ in range(ups - 1):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), norm(width // 2), nn.ReLU(True)]
             width //= 2
             for _ in range(extra_layers):
-                layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+                layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), norm(width), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.latent_size = latent_size
         self.main = nn.Sequential(*layers)
@@ -51,7 +68,12 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             z = torch.cat([z, self.embed(labels)], dim=1)
-        return self.main(z.reshape(z.shape[0], z.shape[1], 1, 1))
+        x = z.reshape(z.shape[0], z.shape[1], 1, 1)
+        if not self.num_classes or self.embed is not None:
+            return self.main(x)
+        for layer in self.main:
+            x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
 
 
 class Discriminator(nn.Module):
@@ -140,9 +162,12 @@ def dcgan_init(module: nn.Module) -> None:
         nn.init.normal_(target, 0.0, 0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+    elif isinstance(module, ConditionalBatchNorm2d):  # after its embeddings' N(0, 0.02): scale 1 + noise
+        with torch.no_grad():
+            module.gain.weight.add_(1.0)
 
 
 def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
@@ -152,7 +177,8 @@ def build_models(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
         generator: nn.Module = ToyGenerator(m.latent_size, m.toy_hidden, m.toy_layers)
         discriminator: nn.Module = ToyDiscriminator(m.toy_hidden, m.toy_layers)
     else:
-        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf, m.g_extra_layers, m.num_classes)
+        generator = Generator(m.latent_size, d.channels, d.image_size, m.ngf, m.g_extra_layers, m.num_classes,
+                              m.g_conditioning)
         discriminator = Discriminator(d.channels, d.image_size, m.ndf, m.spectral_norm, m.d_extra_layers,
                                       m.num_classes)
     if config.kind == "dcgan":  # dense toys keep PyTorch's default (Kaiming-uniform) init
