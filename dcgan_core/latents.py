@@ -17,9 +17,13 @@ MAX_ABS_LATENT = 1000.0
 
 def latents(seed: int, count: int, size: int) -> np.ndarray:
     """``count`` latent vectors of ``size`` float32 standard normals, determined by ``seed``."""
+    _check_seed(seed)
+    return np.random.default_rng(seed).standard_normal((count, size), dtype=np.float32)
+
+
+def _check_seed(seed: int) -> None:
     if not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed must be in [0, 2^63-1], got {seed}")
-    return np.random.default_rng(seed).standard_normal((count, size), dtype=np.float32)
 
 
 def draw_seed() -> int:
@@ -31,6 +35,5 @@ def labels(seed: int, count: int, classes: int) -> np.ndarray:
     """The classes a seeded request of a class-conditional model gets when it names none:
     ``numpy.random.default_rng([seed, 1]).integers(0, classes, count)`` (int64), a stream apart
     from the latents', so the latents of a seed do not depend on whether labels were drawn."""
-    if not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"seed must be in [0, 2^63-1], got {seed}")
+    _check_seed(seed)
     return np.random.default_rng([seed, 1]).integers(0, classes, count, dtype=np.int64)

@@ -9,7 +9,6 @@ version and file.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
@@ -175,7 +175,8 @@ class Repository:
         """Everything a rescan looks at: every version's fingerprint and repository.json's stat."""
         config = self.root / REPOSITORY_CONFIG
         try:
-            config_stat = (config.stat().st_mtime_ns, config.stat().st_size) if config.exists() else None
+            stat = config.stat() if config.exists() else None
+            config_stat = (stat.st_mtime_ns, stat.st_size) if stat else None
             return (config_stat, *((name, version, self.fingerprint(name, version))
                                    for name in self.models() for version in self.versions(name)))
         except (OSError, RepositoryError) as exc:
@@ -253,18 +254,15 @@ class Repository:
         model_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(model_dir)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
-        owner = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(owner, fcntl.LOCK_EX)
         try:
-            staging.chmod(0o755)
-            manifest = self._build_and_rename(name, staging, build)
+            with locking.exclusive(staging / STAGING_LOCK, f"staging folder {staging}"):
+                staging.chmod(0o755)
+                manifest = self._build_and_rename(name, staging, build)
             fsync_dir(model_dir)
             return manifest
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        finally:
-            os.close(owner)
 
     def _build_and_rename(self, name: str, staging: Path, build: Callable[[Path], Manifest]) -> Manifest:
         draft = build(staging)
@@ -301,19 +299,13 @@ def remove_stale_staging(model_dir: Path, min_age_s: float = 60.0) -> list[Path]
 
 
 def _owned_by_live_process(folder: Path, min_age_s: float) -> bool:
+    lock = folder / STAGING_LOCK
     try:
-        fd = os.open(folder / STAGING_LOCK, os.O_RDWR)
-    except FileNotFoundError:
-        try:
+        if not lock.exists():
             return time.time() - folder.stat().st_mtime < min_age_s
-        except OSError:
-            return True
-    except OSError:
+        with locking.exclusive(lock, f"staging folder {folder}"):
+            return False
+    except locking.Locked:
         return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
+    except OSError:  # vanished or unreadable meanwhile: leave it alone
         return True
-    finally:
-        os.close(fd)

@@ -98,8 +98,12 @@ class ServeConfig:
             VersionPolicy.parse(policy)
         return self
 
+    def policy_text(self, model: str) -> str:
+        """The version policy of ``model`` as configured (per model, else the default)."""
+        return self.version_policies.get(model, self.version_policy)
+
     def policy(self, model: str) -> VersionPolicy:
-        return VersionPolicy.parse(self.version_policies.get(model, self.version_policy))
+        return VersionPolicy.parse(self.policy_text(model))
 
 
 def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:

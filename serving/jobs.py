@@ -8,6 +8,7 @@ each atomically, so a restart regenerates only the chunks that are incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -158,9 +159,16 @@ def _score_batch(client: InferenceClient, paths: list[str], model: str, patience
 def score_job(client: InferenceClient, inputs: list[str], output: Path, model: str = "", batch: int = 64,
               concurrency: int = 4, patience_s: float = DEFAULT_PATIENCE_S, progress: bool = True) -> JobSummary:
     results = ResultFile(output)
+    with _owning(output.with_name(output.name + ".lock"), f"output {output}"):
+        return _score_all(client, inputs, results, model, batch, concurrency, patience_s, progress)
+
+
+@contextlib.contextmanager
+def _owning(lock: Path, what: str) -> Iterator[None]:
+    """The job's exclusive hold on its output; taken by another process, a JobError naming it."""
     try:
-        with locking.exclusive(output.with_name(output.name + ".lock"), f"output {output}"):
-            return _score_all(client, inputs, results, model, batch, concurrency, patience_s, progress)
+        with locking.exclusive(lock, what):
+            yield
     except locking.Locked as exc:
         raise JobError(str(exc)) from None
 
@@ -203,12 +211,8 @@ def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0
     resumed job never mixes versions; if the server no longer serves it, the job stops and says so.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with locking.exclusive(out_dir / LOCK_FILE, f"output folder {out_dir}"):
-            return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress,
-                               label)
-    except locking.Locked as exc:
-        raise JobError(str(exc)) from None
+    with _owning(out_dir / LOCK_FILE, f"output folder {out_dir}"):
+        return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress, label)
 
 
 def _job_version(client: InferenceClient, out_dir: Path, params: dict, patience_s: float) -> int:

@@ -91,8 +91,7 @@ class OnnxNetwork:
         expected += [(spec.label_input, [])] if spec.label_input else []
         expected += [(spec.output_name, list(spec.output_shape[1:]))]
         if len(outputs) != 1 or actual != expected:
-            show = lambda sig: ", ".join(f"{n!r} [N, {', '.join(map(str, s))}]".replace(", ]", "]")  # noqa: E731
-                                         for n, s in sig)
+            show = lambda sig: ", ".join(f"{n!r} [{', '.join(['N', *map(str, s)])}]" for n, s in sig)  # noqa: E731
             raise RepositoryError(f"{self.path.name} has {show(actual)}, but the manifest's {network} "
                                   f"has {show(expected)} (wrong or swapped file)")
 

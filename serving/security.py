@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 
+from serving.config import ServeConfigError
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 def read_token(path: str) -> str:
     """The bearer token in ``path``; an empty, unreadable or non-ASCII file is refused, never
     taken as "no token" (which would let every caller in)."""
-    from serving.config import ServeConfigError
-
     try:
         token = Path(path).read_bytes().decode("ascii").strip()
     except OSError as exc:

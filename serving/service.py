@@ -21,7 +21,7 @@ import numpy as np
 
 from dcgan_core import latents as latent_rng
 from dcgan_core.repository import Manifest
-from serving.batcher import DynamicBatcher, Expired, QueueFull, Stopped
+from serving.batcher import DynamicBatcher, Expired, Inputs, QueueFull, Stopped
 from serving.config import ServeConfig
 from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from serving.store import LoadedVersion, ModelStore
@@ -60,6 +60,11 @@ class ScoreResult:
     @property
     def probabilities(self) -> np.ndarray:
         return probabilities(self.logits)
+
+
+def _with(inputs: np.ndarray, labels: np.ndarray | None) -> Inputs:
+    """A network's batcher input: the array alone, or with the labels of a conditional model."""
+    return inputs if labels is None else (inputs, labels)
 
 
 def _first_non_finite(outputs: np.ndarray) -> int | None:
@@ -144,7 +149,7 @@ class InferenceService:
             self.shutting_down = True
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
-    async def _run(self, batcher: DynamicBatcher, inputs: np.ndarray, call: Call) -> np.ndarray:
+    async def _run(self, batcher: DynamicBatcher, inputs: Inputs, call: Call) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if self._handoff is None or self._handoff.loop is not loop:  # embedding code may switch loops
             self._handoff = Handoff(loop)
@@ -195,15 +200,14 @@ class InferenceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
-    def labels_for(self, manifest: Manifest, count: int, seed: int | None, requested: list[int],
-                   what: str = "labels") -> np.ndarray | None:
+    def labels_for(self, manifest: Manifest, count: int, seed: int | None, requested: list[int]) -> np.ndarray | None:
         """The classes of a request: as sent (``count`` values, or one for all), or for a sample
         request that sent none, drawn from its seed (dcgan_core.latents.labels); None for an
         unconditional model."""
         classes, name = manifest.num_classes, manifest.name
         if not classes:
             if requested:
-                raise InvalidArgument(f"model {name!r} is not class-conditional: send no {what}")
+                raise InvalidArgument(f"model {name!r} is not class-conditional: send no labels")
             return None
         if not requested:
             if seed is None:
@@ -211,13 +215,13 @@ class InferenceService:
                                       f"(0..{classes - 1}), one per row or one for all")
             return latent_rng.labels(seed, count, classes)
         if len(requested) not in (1, count):
-            raise InvalidArgument(f"{what} has {len(requested)} values; model {name!r} needs {count} (one per "
+            raise InvalidArgument(f"labels has {len(requested)} values; model {name!r} needs {count} (one per "
                                   f"sample) or 1 (for all)")
         values = np.asarray(requested, dtype=np.int64)
         outside = (values < 0) | (values >= classes)
         if outside.any():
             index = int(np.argmax(outside))
-            raise InvalidArgument(f"{what}[{index}] = {int(values[index])} is out of range for model {name!r}: "
+            raise InvalidArgument(f"labels[{index}] = {int(values[index])} is out of range for model {name!r}: "
                                   f"classes are 0..{classes - 1}")
         return np.full(count, values[0]) if len(values) == 1 else values
 
@@ -227,14 +231,14 @@ class InferenceService:
 
     async def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
                      call: Call, labels: np.ndarray | None = None) -> SampleResult:
-        samples = await self._run(loaded.generator, z if labels is None else (z, labels), call)
+        samples = await self._run(loaded.generator, _with(z, labels), call)
         bad = _first_non_finite(samples)
         if bad is not None:  # never an OK answer with NaN pixels (they would encode as zeros)
             raise Internal(f"model {loaded.manifest.name!r} version {loaded.manifest.version}: the generator "
                            f"produced NaN or infinite values for sample {bad}")
         logits = None
         if include_scores:
-            logits = await self._run(loaded.discriminator, samples if labels is None else (samples, labels), call)
+            logits = await self._run(loaded.discriminator, _with(samples, labels), call)
         return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits, labels)
 
     # ------------------------------------------------------------------ scoring
@@ -272,7 +276,7 @@ class InferenceService:
             labels, logits = table.argmax(axis=0), table.max(axis=0)
         else:
             labels = self.labels_for(manifest, len(inputs), None, list(requested_labels))
-            logits = await self._run(loaded.discriminator, inputs if labels is None else (inputs, labels), call)
+            logits = await self._run(loaded.discriminator, _with(inputs, labels), call)
         bad = _first_non_finite(logits)
         if bad is not None:
             raise InvalidArgument(f"input {bad} gives a NaN or infinite logit: its values are too large "

@@ -155,9 +155,6 @@ class ModelStore:
     def load(self) -> None:
         self.rescan()
 
-    def policy(self, name: str) -> str:
-        return self.config.version_policies.get(name, self.config.version_policy)
-
     def rescan(self) -> bool:
         """Bring the loaded versions in line with the disk; True if anything changed.
 
@@ -305,7 +302,7 @@ class ModelStore:
             if state and state.error:
                 why = f"failed to load: {state.error}"
             elif version in self._on_disk(entry.name):
-                why = f"is not loaded (version policy {self.policy(entry.name)})"
+                why = f"is not loaded (version policy {self.config.policy_text(entry.name)})"
             else:
                 why = "does not exist"
             raise NotFound(f"model {entry.name!r} version {version} {why}; "

@@ -269,8 +269,7 @@ def build_batches(config: TrainConfig) -> ImageBatches | ToyBatches:
     classes = config.model.num_classes
     labels, names = None, [str(c) for c in range(classes)]
     if d.dataset == "mnist":
-        pixels, labels = load_mnist(Path(d.path), "train", d.download)
-        names = [str(digit) for digit in range(10)]
+        pixels, labels = load_mnist(Path(d.path), "train", d.download)  # classes "0".."9": the default names
     elif d.dataset == "folder" and classes:
         pixels, labels, names = load_labelled_folder(Path(d.path), d.image_size, d.channels, config.run.progress)
     elif d.dataset == "folder":

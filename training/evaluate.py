@@ -49,12 +49,9 @@ def _from_checkpoint(run_dir: Path, count: int, seed: int, checkpoint_name: str)
     run = load_run(run_dir, checkpoint_name=checkpoint_name)
     z = torch.from_numpy(latents(seed, count, run.config.model.latent_size))
     labels = balanced_labels(count, run.config.model.num_classes)
+    y = [None] * len(z.split(1000)) if labels is None else torch.from_numpy(labels).split(1000)
     with torch.no_grad():
-        if labels is None:
-            values = np.concatenate([run.generator(chunk).numpy() for chunk in z.split(1000)])
-        else:
-            y = torch.from_numpy(labels)
-            values = np.concatenate([run.generator(a, b).numpy() for a, b in zip(z.split(1000), y.split(1000))])
+        values = np.concatenate([run.generator(a, b).numpy() for a, b in zip(z.split(1000), y)])
     return Samples(values, run.config.data.dataset if run.config.kind == "toy2d" else None, labels)
 
 

@@ -139,7 +139,8 @@ class ToyGenerator(nn.Module):
         self.latent_size = latent_size
         self.main = _mlp([latent_size] + [hidden] * layers + [2], nn.ReLU(True))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` is accepted for the one model signature and must be None (toys are unconditional)."""
         return self.main(z)
 
 
@@ -150,7 +151,8 @@ class ToyDiscriminator(nn.Module):
         super().__init__()
         self.main = _mlp([2] + [hidden] * layers + [1], nn.LeakyReLU(0.2, inplace=True))
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
+    def forward(self, points: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` is accepted for the one model signature and must be None (toys are unconditional)."""
         return self.main(points).reshape(-1)
 
 
@@ -211,8 +213,7 @@ def recalibrate_batchnorm(generator: nn.Module, latent_size: int, seed: int,
     classes = getattr(model, "num_classes", 0)
     for _ in range(batches):
         z = torch.randn(batch_size, latent_size, generator=gen, device=device)
-        labels = torch.randint(classes, (batch_size,), generator=gen, device=device) if classes else None
-        model(z, labels) if classes else model(z)
+        model(z, torch.randint(classes, (batch_size,), generator=gen, device=device) if classes else None)
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()

@@ -223,12 +223,6 @@ class Trainer:
             return None
         return torch.multinomial(self.fake_label_weights, count, replacement=True, generator=self.noise)
 
-    def _g(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.G(z) if labels is None else self.G(z, labels)
-
-    def _d(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.D(x) if labels is None else self.D(x, labels)
-
     def train_step(self, real: torch.Tensor, real_labels: torch.Tensor | None = None) -> dict[str, float]:
         """One D update on ``real`` and, every d_steps, one G update (D frozen). A conditional
         model's D sees each batch with its labels: real ones for real images, drawn ones for fakes."""
@@ -236,12 +230,12 @@ class Trainer:
         fake_labels = self._fake_labels(real.shape[0])
         with self._autocast():
             with torch.set_grad_enabled(update_g):
-                fake = self._g(self._latents(real.shape[0]), fake_labels)
-            real_logits = self._d(real, real_labels).float()
-            fake_logits = self._d(fake.detach(), fake_labels).float()
+                fake = self.G(self._latents(real.shape[0]), fake_labels)
+            real_logits = self.D(real, real_labels).float()
+            fake_logits = self.D(fake.detach(), fake_labels).float()
             loss_d = self.loss.d_loss(real_logits, fake_logits, 1.0 - self.config.loss.label_smoothing)
         if self.loss.gradient_penalty:  # interpolates of a real and a fake image keep the real label
-            critic = self.D if real_labels is None else (lambda x: self.D(x, real_labels))
+            critic = lambda x: self.D(x, real_labels)  # noqa: E731
             loss_d = loss_d + self.config.loss.gp_weight * gradient_penalty(
                 critic, real, fake.detach().to(real.dtype), self.noise)
         self.opt_d.zero_grad(set_to_none=True)
@@ -261,7 +255,7 @@ class Trainer:
     def _generator_step(self, fake: torch.Tensor, labels: torch.Tensor | None) -> None:
         self.D.requires_grad_(False)
         with self._autocast():
-            loss_g = self.loss.g_loss(self._top_k(self._d(fake, labels).float()))
+            loss_g = self.loss.g_loss(self._top_k(self.D(fake, labels).float()))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self._set_lr(self.opt_g, self.config.optim.lr_g)
@@ -438,8 +432,7 @@ class Trainer:
     @torch.no_grad()
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> np.ndarray:
         """Samples of :meth:`sampling_generator` in eval mode, as float32 numpy."""
-        generator = self.sampling_generator()
-        return (generator(z) if labels is None else generator(z, labels)).float().cpu().numpy()
+        return self.sampling_generator()(z, labels).float().cpu().numpy()
 
     def save_samples(self, path: Path) -> None:
         """The fixed-noise grid (toys: a scatter plot) at ``path`` and as samples/latest.png; a
