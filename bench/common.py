@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -16,8 +17,14 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU model as lscpu names it: figures from different CPUs of one kind are not comparable."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+
+
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor(),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "processor": platform.processor(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS, cpu_model, save  # noqa: E402
 from dcgan_core import images  # noqa: E402
 from training import metrics  # noqa: E402
 from training.evaluate import load_samples  # noqa: E402
@@ -43,10 +43,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/datasets/mnist")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
     reference = metrics.ImageReference.load(Path(args.data_dir))
-    report: dict = {"epochs": args.epochs, "cpu": model_name, "variants": {}}
+    report: dict = {"epochs": args.epochs, "cpu": cpu_model(), "variants": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for variant in VARIANTS:
             run_dir = Path(scratch) / variant

@@ -8,6 +8,12 @@ reference. Also reports the toy ring preset over several seeds. Writes
 bench/results/quality.json and both sample grids.
 
     .venv/bin/python bench/quality.py --epochs 5 --extra-run runs/mnist-v7
+
+A class-conditional model (a run or an exported generator.onnx) is scored alone, 1k samples per
+class: class consistency and FD overall and per class, IS, and a grid with one labelled row per
+class (bench/results/quality_conditional.json and quality_conditional_grid.png):
+
+    .venv/bin/python bench/quality.py --conditional exported/mnist-cond/1/generator.onnx
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS, cpu_model, save  # noqa: E402
+from dcgan_core import images  # noqa: E402
 from bench.reference import ReferenceDCGAN  # noqa: E402
 from dcgan_core.latents import latents  # noqa: E402
 from training import metrics, reporting  # noqa: E402
@@ -54,6 +61,28 @@ def summarize(result: dict) -> dict:
     return {k: result[k] for k in ("fd", "is", "coverage_min", "coverage_max")}
 
 
+def conditional(source: Path, samples: int, reference_metrics: metrics.ImageReference) -> None:
+    """Score a class-conditional generator and draw its per-class grid."""
+    drawn = load_samples(source, samples, 0)
+    if drawn.labels is None:
+        raise SystemExit(f"{source} is not class-conditional")
+    result = metrics.evaluate_images(drawn.values, reference_metrics, labels=drawn.labels)
+    floor = metrics.real_floor(reference_metrics)
+    keys = ("consistency", "consistency_min", "consistency_per_class", "fd", "fd_class_max", "fd_per_class", "is")
+    report = {"source": str(source), "samples": samples, "cpu": cpu_model(),
+              "model": {k: result[k] for k in keys}, "real_floor": {k: floor[k] for k in keys if k in floor}}
+    classes = int(drawn.labels.max()) + 1
+    per_class = np.concatenate([np.flatnonzero(drawn.labels == c)[:8] for c in range(classes)])
+    grid = images.make_grid(images.model_to_uint8(drawn.values[per_class]), 8)
+    images.save_png(images.caption_rows(grid, [str(c) for c in range(classes)], drawn.values.shape[2]),
+                    RESULTS / "quality_conditional_grid.png")
+    for name in ("model", "real_floor"):
+        row = report[name]
+        print(f"{name:<10} consistency {row['consistency']:.4f} (min {row['consistency_min']:.4f})  "
+              f"fd {row['fd']:.3f} (class max {row['fd_class_max']:.3f})  is {row['is']:.3f}")
+    save("quality_conditional", report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/datasets/mnist")
@@ -61,8 +90,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--extra-run", type=Path, help="a finished run to score too (the default model's)")
     parser.add_argument("--toy-seeds", type=int, default=5)
+    parser.add_argument("--conditional", type=Path,
+                        help="score this class-conditional run or generator.onnx instead (nothing is trained)")
     args = parser.parse_args()
     reference_metrics = metrics.ImageReference.load(Path(args.data_dir))
+    if args.conditional:
+        return conditional(args.conditional, args.samples, reference_metrics)
     report: dict = {"epochs": args.epochs, "samples": args.samples,
                     "real_floor": summarize(metrics.real_floor(reference_metrics))}
     z = torch.from_numpy(latents(0, args.samples, 100))
