@@ -137,3 +137,15 @@ def caption_rows(grid: np.ndarray, labels: list[str], cell: int, padding: int = 
 def save_png(image_chw: np.ndarray, path: str | Path) -> None:
     """Write one uint8 CHW image as PNG atomically (temporary file, then rename)."""
     atomic_write_bytes(Path(path), encode_png(image_chw))
+
+
+def encode_gif(frames: np.ndarray, duration_ms: int = 80, scale: int = 4) -> bytes:
+    """uint8 NCHW frames as an animated GIF that loops, each frame enlarged ``scale`` times
+    (nearest neighbour: a 28x28 digit is too small to watch)."""
+    pictures = [to_pil(frame) for frame in frames]
+    if scale > 1:
+        pictures = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in pictures]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms,
+                     loop=0)
+    return buffer.getvalue()

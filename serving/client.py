@@ -22,6 +22,15 @@ ENCODINGS = {"uint8": pb.ENCODING_RAW_UINT8, "float32": pb.ENCODING_RAW_FLOAT32,
              "auto": pb.ENCODING_UNSPECIFIED}
 
 
+INTERPOLATIONS = {"slerp": pb.INTERPOLATION_SLERP, "lerp": pb.INTERPOLATION_LERP}
+
+
+def _encoding(name: str) -> int:
+    if name not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    return ENCODINGS[name]
+
+
 class ClientError(Exception):
     """A failed call: ``code`` is the grpc.StatusCode, the message the server's details."""
 
@@ -60,6 +69,27 @@ class Samples:
     offset: int = 0
     provider: str = ""
     labels: np.ndarray | None = None  # class-conditional models: the class of each sample
+    candidates: int = 0  # discriminator-guided sampling: candidates the server drew for the request
+    candidate_indices: np.ndarray | None = None  # and each kept sample's index among them
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Latent controls of a seeded request (the .proto defines each): the truncation threshold,
+    and discriminator-guided sampling by ``min_score`` or ``keep_top``."""
+
+    truncation: float | None = None
+    min_score: float | None = None
+    keep_top: float | None = None
+
+    def apply(self, request: pb.SampleRequest) -> None:
+        for name in ("truncation", "min_score", "keep_top"):
+            if getattr(self, name) is not None:
+                setattr(request, name, getattr(self, name))
+
+    def params(self) -> dict:
+        """The controls that are set, by name (for job records)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -76,6 +106,19 @@ def _labels(labels: Sequence[int] | int | None) -> list[int]:
     if labels is None:
         return []
     return [int(labels)] if np.ndim(labels) == 0 else [int(v) for v in labels]
+
+
+def _point(point: int | tuple[int, int] | np.ndarray, label: int | None) -> pb.LatentPoint:
+    """A walk end: a seed (its sample 0), (seed, index), or an explicit latent vector."""
+    message = pb.LatentPoint()
+    if isinstance(point, np.ndarray):
+        message.latent.CopyFrom(make_tensor(point.astype(np.float32).reshape(-1)))
+    else:
+        seed, index = (point, 0) if np.ndim(point) == 0 else point
+        message.seeded.CopyFrom(pb.SeededLatent(seed=int(seed), index=int(index)))
+    if label is not None:
+        message.label = int(label)
+    return message
 
 
 def tensor_array(tensor: pb.Tensor) -> np.ndarray:
@@ -113,11 +156,11 @@ class InferenceClient:
         self.channel.close()
 
     def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
-                 encoding: str, include_scores: bool, labels: Sequence[int] | int | None = None) -> pb.SampleRequest:
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
-        request = pb.SampleRequest(model=model, version=version, count=count, encoding=ENCODINGS[encoding],
+                 encoding: str, include_scores: bool, labels: Sequence[int] | int | None = None,
+                 controls: Controls = Controls()) -> pb.SampleRequest:
+        request = pb.SampleRequest(model=model, version=version, count=count, encoding=_encoding(encoding),
                                    include_scores=include_scores, labels=_labels(labels))
+        controls.apply(request)
         if seed is not None:
             request.seed = seed
         if latents is not None:
@@ -134,14 +177,17 @@ class InferenceClient:
         return Samples(response.model, response.version, response.seed, pixels, list(response.png),
                        np.array(response.scores, np.float32) if scored else None,
                        np.array(response.logits, np.float32) if scored else None, response.offset,
-                       response.provider, np.array(response.labels, np.int64) if response.labels else None)
+                       response.provider, np.array(response.labels, np.int64) if response.labels else None,
+                       response.candidates, np.array(response.candidate_indices, np.int64)
+                       if response.candidate_indices else None)
 
     def sample(self, count: int = 0, *, model: str = "", version: int = 0, seed: int | None = None,
                latents: np.ndarray | None = None, encoding: str = "auto", include_scores: bool = False,
-               labels: Sequence[int] | int | None = None) -> Samples:
+               labels: Sequence[int] | int | None = None, controls: Controls = Controls()) -> Samples:
         """``count`` samples (or one per latent row); same seed, same images. ``labels``
-        (class-conditional models): one class for all, or one per sample."""
-        request = self._request(count, model, version, seed, latents, encoding, include_scores, labels)
+        (class-conditional models): one class for all, or one per sample. ``controls``:
+        truncation and discriminator-guided sampling."""
+        request = self._request(count, model, version, seed, latents, encoding, include_scores, labels, controls)
         try:
             return self._samples(self.stub.Sample(request, **self.call_options))
         except grpc.RpcError as error:
@@ -149,13 +195,31 @@ class InferenceClient:
 
     def sample_stream(self, count: int, *, model: str = "", version: int = 0, seed: int | None = None,
                       encoding: str = "auto", include_scores: bool = False, chunk_size: int = 0,
-                      labels: Sequence[int] | int | None = None) -> Iterator[Samples]:
+                      labels: Sequence[int] | int | None = None, controls: Controls = Controls()) -> Iterator[Samples]:
         """The samples of one seeded request, in chunks (for counts too large for one message)."""
         request = pb.SampleStreamRequest(sample=self._request(count, model, version, seed, None, encoding,
-                                                             include_scores, labels), chunk_size=chunk_size)
+                                                             include_scores, labels, controls), chunk_size=chunk_size)
         try:
             for response in self.stub.SampleStream(request, **self.call_options):
                 yield self._samples(response.chunk)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+
+    def walk(self, start: int | tuple[int, int] | np.ndarray, end: int | tuple[int, int] | np.ndarray,
+             steps: int, *, interpolation: str = "slerp", model: str = "", version: int = 0,
+             encoding: str = "auto", include_scores: bool = False, truncation: float | None = None,
+             labels: tuple[int | None, int | None] = (None, None)) -> Samples:
+        """``steps`` frames from ``start`` to ``end``, each a seed (its sample 0), a (seed, index)
+        pair or a latent vector; ``labels``: the class at each end (conditional models)."""
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        request = pb.WalkRequest(model=model, version=version, start=_point(start, labels[0]),
+                                 end=_point(end, labels[1]), steps=steps, encoding=_encoding(encoding),
+                                 interpolation=INTERPOLATIONS[interpolation], include_scores=include_scores)
+        if truncation is not None:
+            request.truncation = truncation
+        try:
+            return self._samples(self.stub.Walk(request, **self.call_options).frames)
         except grpc.RpcError as error:
             raise _typed(error) from None
 

@@ -6,6 +6,9 @@
     dcgan-client models
     dcgan-client sample --model mnist-cond --label 7 --count 16 --out sevens.png
     dcgan-client sample --model mnist-cond --per-class 8 --out grid.png
+    dcgan-client sample --count 64 --seed 1 --truncation 1.0 --out truncated.png
+    dcgan-client sample --count 64 --seed 1 --min-score 0.5 --out convincing.png
+    dcgan-client walk --from-seed 1 --to-seed 2 --steps 32 --out walk.gif    (or a PNG strip: --out strip.png)
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from pathlib import Path
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
 from serving import jobs
-from serving.client import ClientError, InferenceClient
+from serving.client import ClientError, Controls, InferenceClient
+
+
+def _controls(args: argparse.Namespace) -> Controls:
+    return Controls(args.truncation, args.min_score, args.keep_top)
 
 
 def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
@@ -27,10 +34,12 @@ def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
     if args.per_class:
         return _per_class_grid(client, args)
     batch = client.sample(args.count, model=args.model, version=args.version, seed=args.seed,
-                          encoding="png" if args.out_dir else "uint8", labels=args.label)
+                          encoding="png" if args.out_dir else "uint8", labels=args.label, controls=_controls(args))
+    drawn = f" (kept from {batch.candidates} candidates)" if batch.candidates else ""
     if args.out:
         images.save_png(images.make_grid(batch.images), args.out)
-        print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, seed {batch.seed}")
+        print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, "
+              f"seed {batch.seed}{drawn}")
         return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,12 +56,32 @@ def _per_class_grid(client: InferenceClient, args: argparse.Namespace) -> None:
                          f"{info.name} has no classes")
     if not args.out:
         raise SystemExit("dcgan-client sample: --per-class writes one grid: use --out GRID.png")
+    if args.min_score is not None or args.keep_top is not None:
+        raise SystemExit("dcgan-client sample: --per-class takes no --min-score or --keep-top (guided sampling "
+                         "draws one class per request); use --label with --count for one class")
     labels = [c for c in range(info.num_classes) for _ in range(args.per_class)]
-    batch = client.sample(len(labels), model=args.model, version=args.version, seed=args.seed, labels=labels)
+    batch = client.sample(len(labels), model=args.model, version=args.version, seed=args.seed, labels=labels,
+                          controls=Controls(truncation=args.truncation))
     grid = images.make_grid(batch.images, args.per_class)
     names = list(info.class_names) or [str(c) for c in range(info.num_classes)]
     images.save_png(images.caption_rows(grid, names, batch.images.shape[2]), args.out)
     print(f"wrote {args.out}: {args.per_class} samples per class of {batch.model} v{batch.version}, seed {batch.seed}")
+
+
+def _walk(client: InferenceClient, args: argparse.Namespace) -> None:
+    """Frames of a latent walk as an animated GIF (.gif) or one PNG strip (.png)."""
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".gif", ".png"):
+        raise SystemExit(f"dcgan-client walk: --out must end in .gif (animation) or .png (strip), got {args.out}")
+    walk = client.walk((args.from_seed, args.from_index), (args.to_seed, args.to_index), args.steps,
+                       interpolation=args.interpolation, model=args.model, version=args.version,
+                       encoding="uint8", truncation=args.truncation, labels=(args.label, args.label))
+    if suffix == ".gif":
+        atomic_write_bytes(Path(args.out), images.encode_gif(walk.images, args.frame_ms))
+    else:
+        images.save_png(images.make_grid(walk.images, len(walk.images)), args.out)
+    print(f"wrote {args.out}: {len(walk.images)} frames of {walk.model} v{walk.version}, seed {args.from_seed}"
+          f"[{args.from_index}] -> seed {args.to_seed}[{args.to_index}] by {args.interpolation}")
 
 
 def _score(client: InferenceClient, args: argparse.Namespace) -> None:
@@ -89,7 +118,8 @@ def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
 
 def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
     summary = jobs.sample_job(client, args.count, Path(args.out_dir), args.seed, args.chunk, args.model,
-                              args.concurrency, args.wait_s, not args.no_progress, label=args.label)
+                              args.concurrency, args.wait_s, not args.no_progress, label=args.label,
+                              controls=_controls(args))
     print(f"sample-job: {summary}; PNGs in {args.out_dir}")
 
 
@@ -108,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--out-dir", help="write one PNG per sample")
     sample.add_argument("--per-class", type=int, help="conditional models: a grid (--out) of this many "
                                                       "samples per class, one labelled row per class")
+    walk = commands.add_parser("walk", help="frames along a path between two latent points (GIF or PNG strip)")
+    walk.add_argument("--from-seed", type=int, required=True, help="start: sample --from-index of this seed")
+    walk.add_argument("--from-index", type=int, default=0)
+    walk.add_argument("--to-seed", type=int, required=True, help="end: sample --to-index of this seed")
+    walk.add_argument("--to-index", type=int, default=0)
+    walk.add_argument("--steps", type=int, default=32, help="frames, both ends included (default: 32)")
+    walk.add_argument("--interpolation", choices=["slerp", "lerp"], default="slerp")
+    walk.add_argument("--out", required=True, help="walk.gif (animation) or strip.png (one row)")
+    walk.add_argument("--frame-ms", type=int, default=80, help="GIF frame duration (default: 80)")
     score = commands.add_parser("score", help="probability of being real for image files")
     score.add_argument("files", nargs="+")
     score_job = commands.add_parser("score-job", help="score many files into CSV/JSONL, resumably")
@@ -128,18 +167,26 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--no-progress", action="store_true")
     models = commands.add_parser("models", help="models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
-    for sub in (sample, score):
+    for sub in (sample, score, walk):
         sub.add_argument("--model", default="", help="model name (default: the server's default model)")
         sub.add_argument("--version", type=int, default=0, help="version (default: latest)")
         sub.add_argument("--label", type=int, help="conditional models: the class of every image "
                                                    "(default: drawn from the seed / the most likely class)")
+    for sub in (sample, sample_job, walk):
+        sub.add_argument("--truncation", type=float, help="redraw latent entries with |z| above this (>= 0.1)")
+    for sub in (sample, sample_job):
+        guided = sub.add_mutually_exclusive_group()
+        guided.add_argument("--min-score", type=float,
+                            help="keep only samples the discriminator scores >= this probability, in (0, 1)")
+        guided.add_argument("--keep-top", type=float,
+                            help="keep this share of the best-scored candidates, in (0, 1)")
     args = parser.parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         patient = args.command in ("score-job", "sample-job")  # jobs wait for the server to come (back)
         with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token,
                              wait_for_ready=patient) as client:
-            commands_by_name = {"sample": _sample, "score": _score, "models": _models,
+            commands_by_name = {"sample": _sample, "score": _score, "models": _models, "walk": _walk,
                                 "score-job": _score_job, "sample-job": _sample_job}
             commands_by_name[args.command](client, args)
     except ClientError as exc:

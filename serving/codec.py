@@ -10,6 +10,7 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.repository import Manifest
 from serving.errors import InvalidArgument
+from serving.service import Endpoint, SampleSpec
 
 DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
 
@@ -101,3 +102,44 @@ def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding: i
         response.png.extend(images.encode_png(image) for image in pixels)
     else:
         response.samples.CopyFrom(array_to_tensor(pixels))
+
+
+INTERPOLATIONS = {pb.INTERPOLATION_UNSPECIFIED: "slerp", pb.INTERPOLATION_SLERP: "slerp",
+                  pb.INTERPOLATION_LERP: "lerp"}
+
+
+def _optional(message, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def sample_spec(request: pb.SampleRequest) -> SampleSpec:
+    """The domain form of a SampleRequest."""
+    explicit = None
+    if request.HasField("latents"):
+        explicit = tensor_to_array(request.latents, "latents")
+        if explicit.dtype != np.float32:
+            raise InvalidArgument("latents must be DTYPE_FLOAT32")
+    return SampleSpec(request.count, _optional(request, "seed"), explicit, tuple(request.labels),
+                      _optional(request, "truncation"), _optional(request, "min_score"),
+                      _optional(request, "keep_top"), request.include_scores)
+
+
+def endpoint(point: pb.LatentPoint, what: str) -> Endpoint:
+    """One end of a walk; an explicit latent is a float32 vector."""
+    label = _optional(point, "label")
+    kind = point.WhichOneof("point")
+    if kind == "latent":
+        latent = tensor_to_array(point.latent, f"{what}.latent")
+        if latent.dtype != np.float32 or latent.ndim != 1:
+            raise InvalidArgument(f"{what}.latent must be a DTYPE_FLOAT32 vector [latent_size], "
+                                  f"got {latent.dtype.name} {list(latent.shape)}")
+        return Endpoint(latent=latent, label=label)
+    if kind == "seeded":
+        return Endpoint(point.seeded.seed, point.seeded.index, label=label)
+    return Endpoint(label=label)
+
+
+def interpolation(value: int) -> str:
+    if value not in INTERPOLATIONS:
+        raise InvalidArgument(f"unknown interpolation {value}")
+    return INTERPOLATIONS[value]

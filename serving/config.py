@@ -59,6 +59,7 @@ class ServeConfig:
     batching: bool = True  # false: every request runs alone
     max_count: int = 1024  # samples per Sample request (SampleStream: per request too)
     max_score_images: int = 1024  # images per Score request
+    max_candidates: int = 8192  # candidates one discriminator-guided Sample request may draw
     max_message_mb: int = 64  # gRPC send/receive limit
     stream_chunk_size: int = 256  # SampleStream default chunk
     grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
@@ -80,7 +81,7 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         for key in ("port", "max_batch_size", "max_queue", "max_count", "max_score_images",
-                    "max_message_mb", "stream_chunk_size"):
+                    "max_candidates", "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cuda", "cpu"):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
-from serving.client import (DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
+from serving.client import (Controls, DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
                             ResourceExhaustedError, UnavailableError)
 
 RETRYABLE = (UnavailableError, ResourceExhaustedError, DeadlineExceededError)
@@ -203,7 +203,7 @@ def _record(results: ResultFile, finished, bar) -> int:
 
 def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0, chunk: int = 256,
                model: str = "", concurrency: int = 2, patience_s: float = DEFAULT_PATIENCE_S,
-               progress: bool = True, label: int | None = None) -> JobSummary:
+               progress: bool = True, label: int | None = None, controls: Controls = Controls()) -> JobSummary:
     """``count`` PNGs named ``seed{S}_{i:04d}.png``: chunk k is request seed ``seed + k``.
 
     The folder belongs to one job at a time (a lock), and to one model version: the version that
@@ -212,7 +212,8 @@ def sample_job(client: InferenceClient, count: int, out_dir: Path, seed: int = 0
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     with _owning(out_dir / LOCK_FILE, f"output folder {out_dir}"):
-        return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress, label)
+        return _sample_all(client, count, out_dir, seed, chunk, model, concurrency, patience_s, progress, label,
+                           controls)
 
 
 def _job_version(client: InferenceClient, out_dir: Path, params: dict, patience_s: float) -> int:
@@ -233,10 +234,12 @@ def _job_version(client: InferenceClient, out_dir: Path, params: dict, patience_
 
 
 def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, chunk: int, model: str,
-                concurrency: int, patience_s: float, progress: bool, label: int | None) -> JobSummary:
+                concurrency: int, patience_s: float, progress: bool, label: int | None,
+                controls: Controls) -> JobSummary:
     params = {"count": count, "seed": seed, "chunk": chunk, "model": model}
     if label is not None:  # (absent for unlabelled jobs, so their job.json stays as it was)
         params["label"] = label
+    params.update(controls.params())
     version = _job_version(client, out_dir, params, patience_s)
     for stale in out_dir.glob(".*.tmp"):  # left by a kill during an atomic write (we hold the lock)
         stale.unlink(missing_ok=True)
@@ -248,7 +251,7 @@ def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, c
 
     def run(s: int, n: int) -> None:
         request = lambda: client.sample(n, seed=s, model=model, version=version, encoding="png",  # noqa: E731
-                                        labels=label)
+                                        labels=label, controls=controls)
         try:
             batch = with_retries(request, patience_s)
         except NotFoundError as exc:

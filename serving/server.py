@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run every request alone")
     parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
     parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
+    parser.add_argument("--max-candidates", type=int,
+                        help="candidates one discriminator-guided Sample request may draw (default: 8192)")
     parser.add_argument("--batch-workers", type=int,
                         help="threads running batches per network (default: 0 = one per CPU core, 1 on CUDA)")
     parser.add_argument("--ort-threads", type=int,

@@ -13,9 +13,10 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -40,6 +41,48 @@ class Call:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a Sample request asks for, as the proto documents it (wire types already decoded)."""
+
+    count: int
+    seed: int | None = None
+    latents: np.ndarray | None = None  # explicit latents instead of a seed
+    labels: tuple[int, ...] = ()
+    truncation: float | None = None
+    min_score: float | None = None  # discriminator-guided sampling: a threshold, or
+    keep_top: float | None = None  # the share of candidates to keep
+    include_scores: bool = False
+
+    @property
+    def guided(self) -> bool:
+        return self.min_score is not None or self.keep_top is not None
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """A validated sample request: its latents and labels, or for guided sampling its candidate
+    stream (the latents exist only once the discriminator has chosen them)."""
+
+    spec: SampleSpec
+    count: int
+    seed: int
+    latents: np.ndarray | None
+    labels: np.ndarray | None
+    stream: latent_rng.LatentStream | None = None  # guided sampling only
+    label: int | None = None  # guided sampling: the one class of every candidate, if sent
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of a latent walk: sample ``index`` of ``seed``, or an explicit latent."""
+
+    seed: int | None = None
+    index: int = 0
+    latent: np.ndarray | None = None
+    label: int | None = None
+
+
 @dataclass
 class SampleResult:
     manifest: Manifest
@@ -48,6 +91,15 @@ class SampleResult:
     samples: np.ndarray  # float32, model range
     logits: np.ndarray | None
     labels: np.ndarray | None = None  # class-conditional models: the class of each sample
+    candidates: int = 0  # guided sampling: candidates drawn and scored for the whole request
+    candidate_indices: np.ndarray | None = None  # guided sampling: each kept sample's candidate index
+
+    def part(self, start: int, stop: int) -> "SampleResult":
+        """Samples [start, stop) of this result (one SampleStream chunk)."""
+        def cut(array):
+            return None if array is None else array[start:stop]
+        return SampleResult(self.manifest, self.provider, self.seed, self.samples[start:stop], cut(self.logits),
+                            cut(self.labels), self.candidates, cut(self.candidate_indices))
 
 
 @dataclass
@@ -172,48 +224,75 @@ class InferenceService:
 
     # ------------------------------------------------------------------ sampling
 
-    def latents_for(self, manifest: Manifest, count: int, seed: int | None,
-                    explicit: np.ndarray | None) -> tuple[np.ndarray, int]:
-        """The latent batch of a request and the seed it used (0 for explicit latents)."""
-        size = manifest.latent_size
-        if explicit is not None:
-            if explicit.ndim != 2 or explicit.shape[1] != size:
-                raise InvalidArgument(f"latents have shape {list(explicit.shape)}; model "
-                                      f"{manifest.name!r} expects [count, {size}]")
-            if count not in (0, len(explicit)):
-                raise InvalidArgument(f"count is {count} but latents have {len(explicit)} rows")
-            if seed is not None:
+    def plan(self, manifest: Manifest, spec: SampleSpec) -> SamplePlan:
+        """Validate a sample request and fix what it produces: latents, labels and seed."""
+        self._check_controls(spec)
+        if spec.latents is not None:
+            z = self.check_latents(manifest, spec.latents, "latents")
+            if spec.count not in (0, len(z)):
+                raise InvalidArgument(f"count is {spec.count} but latents have {len(z)} rows")
+            if spec.seed is not None:
                 raise InvalidArgument("give either seed or latents, not both")
-            outside = ~(np.abs(explicit) <= latent_rng.MAX_ABS_LATENT)  # NaN compares False: caught too
-            if outside.any():
-                row, column = (int(i) for i in np.argwhere(outside)[0])
-                raise InvalidArgument(f"latents[{row}, {column}] = {float(explicit[row, column])}: entries must "
-                                      f"be finite (no NaN or infinite values) with |z| <= "
-                                      f"{latent_rng.MAX_ABS_LATENT:g}")
-            count = len(explicit)
-        self.check_count(count)
-        if explicit is not None:
-            return explicit.astype(np.float32, copy=False), 0
-        seed = latent_rng.draw_seed() if seed is None else seed
+            self.check_count(len(z))
+            return SamplePlan(spec, len(z), 0, z, self.labels_for(manifest, len(z), spec.labels))
+        self.check_count(spec.count)
+        seed = latent_rng.draw_seed() if spec.seed is None else spec.seed
         try:
-            return latent_rng.latents(seed, count, size), seed
+            stream = latent_rng.LatentStream(seed, manifest.latent_size, manifest.num_classes, spec.truncation)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
+        if spec.guided:
+            return SamplePlan(spec, spec.count, seed, None, None, stream, self._guided_label(manifest, spec.labels))
+        z, drawn = stream.take(spec.count)
+        return SamplePlan(spec, spec.count, seed, z, self.labels_for(manifest, spec.count, spec.labels, drawn))
 
-    def labels_for(self, manifest: Manifest, count: int, seed: int | None, requested: list[int]) -> np.ndarray | None:
-        """The classes of a request: as sent (``count`` values, or one for all), or for a sample
-        request that sent none, drawn from its seed (dcgan_core.latents.labels); None for an
-        unconditional model."""
+    @staticmethod
+    def _check_truncation(truncation: float | None) -> None:
+        if truncation is not None:
+            try:
+                latent_rng.check_truncation(truncation)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
+
+    def _check_controls(self, spec: SampleSpec) -> None:
+        self._check_truncation(spec.truncation)
+        if spec.min_score is not None and spec.keep_top is not None:
+            raise InvalidArgument("give min_score or keep_top, not both")
+        for name, value in (("min_score", spec.min_score), ("keep_top", spec.keep_top)):
+            if value is not None and not 0 < value < 1:  # NaN fails too
+                raise InvalidArgument(f"{name} = {value} is out of range: use a value in (0, 1), exclusive")
+        if spec.latents is not None and (spec.truncation is not None or spec.guided):
+            raise InvalidArgument("truncation and discriminator-guided sampling draw their latents from a "
+                                  "seed: send a seed (or none), not latents")
+
+    def check_latents(self, manifest: Manifest, explicit: np.ndarray, what: str) -> np.ndarray:
+        """Explicit latents [N, latent_size] as float32, every entry finite and within bounds."""
+        size = manifest.latent_size
+        if explicit.ndim != 2 or explicit.shape[1] != size:
+            raise InvalidArgument(f"{what} have shape {list(explicit.shape)}; model {manifest.name!r} "
+                                  f"expects [count, {size}]")
+        outside = ~(np.abs(explicit) <= latent_rng.MAX_ABS_LATENT)  # NaN compares False: caught too
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise InvalidArgument(f"{what}[{row}, {column}] = {float(explicit[row, column])}: entries must "
+                                  f"be finite (no NaN or infinite values) with |z| <= "
+                                  f"{latent_rng.MAX_ABS_LATENT:g}")
+        return explicit.astype(np.float32, copy=False)
+
+    def labels_for(self, manifest: Manifest, count: int, requested: tuple[int, ...] | list[int],
+                   drawn: np.ndarray | None = None) -> np.ndarray | None:
+        """The classes of a request: as sent (``count`` values, or one for all), else ``drawn``
+        (a seeded request's, dcgan_core.latents); None for an unconditional model."""
         classes, name = manifest.num_classes, manifest.name
         if not classes:
             if requested:
                 raise InvalidArgument(f"model {name!r} is not class-conditional: send no labels")
             return None
         if not requested:
-            if seed is None:
+            if drawn is None:
                 raise InvalidArgument(f"model {name!r} is class-conditional: explicit latents need labels "
                                       f"(0..{classes - 1}), one per row or one for all")
-            return latent_rng.labels(seed, count, classes)
+            return drawn
         if len(requested) not in (1, count):
             raise InvalidArgument(f"labels has {len(requested)} values; model {name!r} needs {count} (one per "
                                   f"sample) or 1 (for all)")
@@ -225,21 +304,143 @@ class InferenceService:
                                   f"classes are 0..{classes - 1}")
         return np.full(count, values[0]) if len(values) == 1 else values
 
+    def _guided_label(self, manifest: Manifest, requested: tuple[int, ...]) -> int | None:
+        if len(requested) > 1:
+            raise InvalidArgument(f"discriminator-guided sampling takes one label for every sample (or none), "
+                                  f"got {len(requested)}")
+        return int(self.labels_for(manifest, 1, requested)[0]) if requested else None
+
     def check_count(self, count: int) -> None:
         if not 1 <= count <= self.config.max_count:
             raise InvalidArgument(f"count must be in 1..{self.config.max_count}, got {count}")
 
+    async def results(self, loaded: LoadedVersion, plan: SamplePlan, chunks: list[tuple[int, int]],
+                      call: Call) -> AsyncIterator[tuple[int, SampleResult]]:
+        """The samples of ``plan`` as (offset, result) per chunk; guided sampling chooses every
+        sample before the first chunk goes out."""
+        if plan.stream is not None:
+            whole = await self.sample_guided(loaded, plan, call)
+            for offset, size in chunks:
+                yield offset, whole.part(offset, offset + size)
+            return
+        for offset, size in chunks:
+            part = slice(offset, offset + size)
+            yield offset, await self.sample(loaded, plan.latents[part], plan.seed, plan.spec.include_scores, call,
+                                            None if plan.labels is None else plan.labels[part])
+
     async def sample(self, loaded: LoadedVersion, z: np.ndarray, seed: int, include_scores: bool,
                      call: Call, labels: np.ndarray | None = None) -> SampleResult:
+        samples = await self._generate(loaded, z, labels, call)
+        logits = None
+        if include_scores:
+            logits = await self._run(loaded.discriminator, _with(samples, labels), call)
+        return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits, labels)
+
+    async def _generate(self, loaded: LoadedVersion, z: np.ndarray, labels: np.ndarray | None,
+                        call: Call) -> np.ndarray:
         samples = await self._run(loaded.generator, _with(z, labels), call)
         bad = _first_non_finite(samples)
         if bad is not None:  # never an OK answer with NaN pixels (they would encode as zeros)
             raise Internal(f"model {loaded.manifest.name!r} version {loaded.manifest.version}: the generator "
                            f"produced NaN or infinite values for sample {bad}")
-        logits = None
-        if include_scores:
-            logits = await self._run(loaded.discriminator, _with(samples, labels), call)
-        return SampleResult(loaded.manifest, loaded.provider, seed, samples, logits, labels)
+        return samples
+
+    # ------------------------------------------------------------------ discriminator-guided sampling
+
+    async def sample_guided(self, loaded: LoadedVersion, plan: SamplePlan, call: Call) -> SampleResult:
+        """Keep the candidates the discriminator finds convincing (the .proto defines which)."""
+        spec, limit = plan.spec, self.config.max_candidates
+        if spec.keep_top is not None:
+            # keep_top arrives as a float32 (0.7 -> 0.699999988): rounded to 6 decimals and divided
+            # exactly, 7 samples at 0.7 take 10 candidates, not 11
+            drawn = math.ceil(Fraction(plan.count) / Fraction(str(round(spec.keep_top, 6))))
+            if drawn > limit:
+                raise ResourceExhausted(f"keep_top = {round(spec.keep_top, 6)} of {plan.count} samples needs "
+                                        f"{drawn} candidates, over the server's limit of {limit} per request "
+                                        f"(--max-candidates): raise keep_top or ask for fewer")
+            samples, logits, labels = await self._candidates(loaded, plan, drawn, call)
+            kept = np.sort(np.argsort(-logits, kind="stable")[:plan.count])
+            return self._guided_result(loaded, plan, drawn, [(kept, samples[kept], logits[kept],
+                                                              None if labels is None else labels[kept])])
+        rounds, kept, drawn = [], 0, 0
+        while kept < plan.count:
+            if drawn >= limit:
+                raise ResourceExhausted(f"discriminator-guided sampling: {kept} of {drawn} candidates scored "
+                                        f">= min_score {spec.min_score:.6g}, {plan.count} were asked for; the "
+                                        f"server draws at most {limit} candidates per request "
+                                        f"(--max-candidates): lower min_score or ask for fewer")
+            size = self._round_size(plan.count - kept, kept, drawn)
+            samples, logits, labels = await self._candidates(loaded, plan, size, call)
+            passed = np.flatnonzero(probabilities(logits) >= spec.min_score)[: plan.count - kept]
+            rounds.append((drawn + passed, samples[passed], logits[passed], None if labels is None else labels[passed]))
+            kept, drawn = kept + len(passed), drawn + size
+        return self._guided_result(loaded, plan, drawn, rounds)
+
+    def _round_size(self, needed: int, kept: int, drawn: int) -> int:
+        """Candidates to draw next: enough for the samples still needed at the acceptance rate so
+        far (taken as >= 5%), with a margin, at least one batch, within the request's limit."""
+        rate = max(kept / drawn, 0.05) if drawn else 1.0
+        wanted = max(math.ceil(1.2 * needed / rate), self.config.max_batch_size)
+        return min(wanted, self.config.max_candidates - drawn)
+
+    async def _candidates(self, loaded: LoadedVersion, plan: SamplePlan, count: int,
+                          call: Call) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The next ``count`` candidates of the plan's stream: samples, logits and labels."""
+        z, labels = plan.stream.take(count)
+        if plan.label is not None:
+            labels = np.full(count, plan.label, dtype=np.int64)
+        samples = await self._generate(loaded, z, labels, call)
+        logits = await self._run(loaded.discriminator, _with(samples, labels), call)
+        return samples, logits, labels
+
+    @staticmethod
+    def _guided_result(loaded: LoadedVersion, plan: SamplePlan, drawn: int, rounds: list[tuple]) -> SampleResult:
+        indices, samples, logits, labels = (list(parts) for parts in zip(*rounds))
+        return SampleResult(loaded.manifest, loaded.provider, plan.seed, np.concatenate(samples),
+                            np.concatenate(logits), None if labels[0] is None else np.concatenate(labels),
+                            drawn, np.concatenate(indices))
+
+    # ------------------------------------------------------------------ latent walks
+
+    def walk_latents(self, manifest: Manifest, start: Endpoint, end: Endpoint, steps: int, method: str,
+                     truncation: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The latents (and labels) of a walk's frames."""
+        if not 2 <= steps <= self.config.max_count:
+            raise InvalidArgument(f"steps = {steps} is out of range: a walk has 2..{self.config.max_count} frames")
+        self._check_truncation(truncation)
+        (a, label_a), (b, label_b) = (self._endpoint(manifest, point, truncation, name)
+                                      for point, name in ((start, "start"), (end, "end")))
+        if label_a != label_b:
+            raise InvalidArgument(f"the ends of the walk have classes {label_a} and {label_b}: walks between "
+                                  f"classes are not supported, give both ends the same label")
+        try:
+            path = latent_rng.interpolate(a, b, steps, method)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        return path, None if label_a is None else np.full(steps, label_a, dtype=np.int64)
+
+    def _endpoint(self, manifest: Manifest, point: Endpoint, truncation: float | None,
+                  name: str) -> tuple[np.ndarray, int | None]:
+        requested = () if point.label is None else (point.label,)
+        if point.latent is not None:
+            if len(point.latent) != manifest.latent_size:
+                raise InvalidArgument(f"{name}.latent has {len(point.latent)} entries; model {manifest.name!r} "
+                                      f"has latent size {manifest.latent_size}")
+            z = self.check_latents(manifest, point.latent.reshape(1, -1), f"{name}.latent")[0]
+            labels = self.labels_for(manifest, 1, requested)
+        elif point.seed is None:
+            raise InvalidArgument(f"{name}: give a seeded point or an explicit latent")
+        else:
+            if not 0 <= point.index < self.config.max_count:
+                raise InvalidArgument(f"{name}.seeded.index = {point.index} is out of range: "
+                                      f"0..{self.config.max_count - 1}")
+            try:
+                stream = latent_rng.LatentStream(point.seed, manifest.latent_size, manifest.num_classes, truncation)
+            except ValueError as exc:
+                raise InvalidArgument(f"{name}: {exc}") from exc
+            z, drawn = stream.row(point.index)
+            labels = self.labels_for(manifest, 1, requested, None if drawn is None else np.array([drawn]))
+        return z, None if labels is None else int(labels[0])
 
     # ------------------------------------------------------------------ scoring
 
@@ -275,7 +476,7 @@ class InferenceService:
             table = (await self._run(loaded.discriminator, every, call)).reshape(classes, len(inputs))
             labels, logits = table.argmax(axis=0), table.max(axis=0)
         else:
-            labels = self.labels_for(manifest, len(inputs), None, list(requested_labels))
+            labels = self.labels_for(manifest, len(inputs), tuple(requested_labels))
             logits = await self._run(loaded.discriminator, _with(inputs, labels), call)
         bad = _first_non_finite(logits)
         if bad is not None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
@@ -79,24 +78,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         name = model or store.default_model
         return name if name in store.models() else UNKNOWN_MODEL
 
-    def _prepare_sample(self, request: pb.SampleRequest, loaded):
-        """(encoding, latents, seed, labels) of a sample request."""
-        encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
-        explicit = codec.tensor_to_array(request.latents, "latents") if request.HasField("latents") else None
-        if explicit is not None and explicit.dtype != np.float32:
-            raise codec.InvalidArgument("latents must be DTYPE_FLOAT32")
-        seed = request.seed if request.HasField("seed") else None
-        z, seed = self.service.latents_for(loaded.manifest, request.count, seed, explicit)
-        labels = self.service.labels_for(loaded.manifest, len(z), None if explicit is not None else seed,
-                                         list(request.labels))
-        return encoding, z, seed, labels
-
     def _response(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
         response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version,
                                      seed=result.seed, offset=offset, provider=result.provider)
         codec.encode_samples(response, result.samples, encoding)
         if result.labels is not None:
             response.labels.extend(result.labels.tolist())
+        if result.candidate_indices is not None:
+            response.candidates = result.candidates
+            response.candidate_indices.extend(result.candidate_indices.tolist())
         if result.logits is not None:
             response.logits.extend(result.logits.tolist())
             response.scores.extend(probabilities(result.logits).tolist())
@@ -116,9 +106,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._rpc("Sample", request.model, context):
             with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
-                encoding, z, seed, labels = self._prepare_sample(request, loaded)
-                self._check_size(loaded, len(z), encoding, "use SampleStream or a smaller count")
-                result = await self.service.sample(loaded, z, seed, request.include_scores, call_of(context), labels)
+                encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
+                plan = self.service.plan(loaded.manifest, codec.sample_spec(request))
+                self._check_size(loaded, plan.count, encoding, "use SampleStream or a smaller count")
+                [(_, result)] = [part async for part in self.service.results(loaded, plan, [(0, plan.count)],
+                                                                             call_of(context))]
                 return await self._encoded(result, encoding, 0)
 
     async def SampleStream(self, request: pb.SampleStreamRequest,
@@ -126,15 +118,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         sample = request.sample
         async with self._rpc("SampleStream", sample.model, context):
             with self.service.admitted(), self.service.use(sample.model, sample.version) as loaded:
-                encoding, z, seed, labels = self._prepare_sample(sample, loaded)
-                chunks = self.service.chunks(len(z), request.chunk_size)
+                encoding = codec.resolve_encoding(sample.encoding, loaded.manifest)
+                plan = self.service.plan(loaded.manifest, codec.sample_spec(sample))
+                chunks = self.service.chunks(plan.count, request.chunk_size)
                 self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
-                call = call_of(context)
-                for offset, size in chunks:
-                    part = slice(offset, offset + size)
-                    result = await self.service.sample(loaded, z[part], seed, sample.include_scores, call,
-                                                       None if labels is None else labels[part])
+                async for offset, result in self.service.results(loaded, plan, chunks, call_of(context)):
                     yield pb.SampleStreamResponse(chunk=await self._encoded(result, encoding, offset))
+
+    async def Walk(self, request: pb.WalkRequest, context: grpc.aio.ServicerContext) -> pb.WalkResponse:
+        async with self._rpc("Walk", request.model, context):
+            with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
+                encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
+                truncation = request.truncation if request.HasField("truncation") else None
+                z, labels = self.service.walk_latents(
+                    loaded.manifest, codec.endpoint(request.start, "start"), codec.endpoint(request.end, "end"),
+                    request.steps, codec.interpolation(request.interpolation), truncation)
+                self._check_size(loaded, len(z), encoding, "ask for fewer steps")
+                result = await self.service.sample(loaded, z, 0, request.include_scores, call_of(context), labels)
+                return pb.WalkResponse(frames=await self._encoded(result, encoding, 0))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._rpc("Score", request.model, context):

@@ -73,6 +73,30 @@ def serving_repo(tmp_path_factory, tiny_run, tiny_toy_run) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def conditional_repo(tmp_path_factory, tiny_run):
+    """A repository with a tiny 3-class conditional model ``cond`` and the unconditional ``plain``."""
+    from dcgan_core.repository import Repository
+    from training.export import export_run
+    from training.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("cond-run")
+    Trainer(tiny_config(run, model={"num_classes": 3}, run={"max_steps": 3})).train()
+    repository = Repository(tmp_path_factory.mktemp("cond-repo"))
+    export_run(run, repository, "cond")
+    export_run(tiny_run, repository, "plain")
+    return repository
+
+
+@pytest.fixture()
+def client(server):
+    """A client of the module's ``server`` fixture (each serving test module starts its own)."""
+    from serving.client import InferenceClient
+
+    with InferenceClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        yield client
+
+
 def start_server(repository: Path, **settings):
     from serving.config import ServeConfig
     from serving.server import InferenceServer

@@ -281,7 +281,7 @@ def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
 
     from dcgan_core.repository import Repository
     from serving.config import ServeConfig
-    from serving.service import Call, InferenceService
+    from serving.service import Call, InferenceService, SampleSpec
     from serving.store import ModelStore
 
     config = ServeConfig(repository=str(serving_repo)).validate()
@@ -291,7 +291,7 @@ def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
     try:
         for seed in (1, 2):
             with store.use("tiny", 0) as loaded:
-                z, _ = service.latents_for(loaded.manifest, 3, seed, None)
+                z = service.plan(loaded.manifest, SampleSpec(3, seed)).latents
                 call = service.sample(loaded, z, seed, False, Call())
                 result = asyncio.run(asyncio.wait_for(call, 10))
             assert result.samples.shape == (3, *loaded.manifest.sample_shape)

@@ -12,20 +12,7 @@ import pytest
 from dcgan_core.latents import latents
 from dcgan_core.repository import Repository
 from serving.client import InferenceClient, InvalidArgumentError
-from tests.conftest import start_server, tiny_config
-
-
-@pytest.fixture(scope="module")
-def conditional_repo(tmp_path_factory, tiny_run):
-    from training.export import export_run
-    from training.trainer import Trainer
-
-    run = tmp_path_factory.mktemp("cond-run")
-    Trainer(tiny_config(run, model={"num_classes": 3}, run={"max_steps": 3})).train()
-    repository = Repository(tmp_path_factory.mktemp("cond-repo"))
-    export_run(run, repository, "cond")
-    export_run(tiny_run, repository, "plain")
-    return repository
+from tests.conftest import start_server
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +20,6 @@ def server(conditional_repo):
     server = start_server(conditional_repo.root, poll_s=0, max_queue_delay_ms=20)
     yield server
     server.stop(grace=1)
-
-
-@pytest.fixture()
-def client(server):
-    with InferenceClient(f"127.0.0.1:{server.port}", timeout=30) as client:
-        yield client
 
 
 def _session(repository: Repository, net: str) -> ort.InferenceSession:

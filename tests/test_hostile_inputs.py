@@ -24,7 +24,7 @@ from serving import codec
 from serving.client import InferenceClient, InvalidArgumentError, NotFoundError
 from serving.config import ServeConfig
 from serving.errors import InvalidArgument, MAX_DETAILS
-from serving.service import InferenceService
+from serving.service import InferenceService, SampleSpec
 from tests.conftest import start_server
 
 #: What a request may legitimately get besides OK (the .proto's list, less INTERNAL and UNKNOWN).
@@ -101,7 +101,8 @@ def test_latent_validation(manifests, count, seed, latents):
     service = InferenceService(None, ServeConfig(max_count=64))
     explicit = None if latents is None else np.array(latents, np.float32).reshape(-1, 1 if len(latents) % 8 else 8)
     try:
-        z, used = service.latents_for(manifests["tiny"], count, seed, explicit)
+        plan = service.plan(manifests["tiny"], SampleSpec(count, seed, explicit))
+        z, used = plan.latents, plan.seed
     except InvalidArgument as exc:
         assert str(exc)
         return

@@ -25,12 +25,6 @@ def server(serving_repo):
     server.stop(grace=1)
 
 
-@pytest.fixture()
-def client(server):
-    with InferenceClient(f"127.0.0.1:{server.port}", timeout=30) as client:
-        yield client
-
-
 def test_seeded_sampling_is_reproducible(client):
     a = client.sample(16, seed=7)
     b = client.sample(16, seed=7)
