@@ -46,6 +46,8 @@ bench: setup
 	$(PY) bench/train_throughput.py --data-dir $(MNIST)
 	$(PY) bench/serve_throughput.py --repository exported
 	$(PY) bench/quality.py --data-dir $(MNIST) --epochs 5
+	$(PY) bench/quality.py --data-dir $(MNIST) --conditional exported/mnist-cond/1/generator.onnx
+	$(PY) bench/latent_controls.py --data-dir $(MNIST) --model mnist-dcgan
 
 clean:
 	rm -rf $(VENV) protos/dcgan/v1/*_pb2*.py* .pytest_cache
