@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
 MNIST  ?= ../shared/datasets/mnist
 
-.PHONY: setup proto test serve train-mnist train-ring bench clean api-check api-accept
+.PHONY: setup proto test serve serve-cluster train-mnist train-ring bench clean api-check api-accept
 
 setup: $(VENV)/.installed proto
 
@@ -35,6 +35,11 @@ test: setup
 
 serve: setup
 	$(VENV)/bin/dcgan-serve --repository exported --port 50051
+
+# REPLICAS dcgan-serve processes on free ports behind Envoy on port 50051 (no containers).
+REPLICAS ?= 2
+serve-cluster: setup
+	$(VENV)/bin/dcgan-cluster --replicas $(REPLICAS) --port 50051 -- --repository exported
 
 train-mnist: setup
 	$(VENV)/bin/dcgan-train --preset mnist --data-dir $(MNIST)

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +25,28 @@ ENCODINGS = {"uint8": pb.ENCODING_RAW_UINT8, "float32": pb.ENCODING_RAW_FLOAT32,
 
 
 INTERPOLATIONS = {"slerp": pb.INTERPOLATION_SLERP, "lerp": pb.INTERPOLATION_LERP}
+
+
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def resolve_target(target: str) -> tuple[str, list[tuple[str, str]]]:
+    """A gRPC target and channel options for ``target``: one address (Envoy, or one server), a
+    comma-separated list of IP:port replicas, or a ``dns:///name:port`` naming all of them; the
+    last two balance each call over every address with gRPC's round_robin policy."""
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    if len(addresses) > 1:
+        try:
+            families = {ipaddress.ip_address(a.rsplit(":", 1)[0].strip("[]")).version for a in addresses}
+        except ValueError:
+            raise ValueError(f"target {target!r}: several targets must be IP:port addresses; for host names "
+                             f"use one dns:///NAME:PORT that resolves to every replica") from None
+        if len(families) > 1:
+            raise ValueError(f"target {target!r}: mixes IPv4 and IPv6 addresses")
+        return f"ipv{families.pop()}:{','.join(addresses)}", [("grpc.service_config", ROUND_ROBIN)]
+    if target.startswith("dns:"):
+        return target, [("grpc.service_config", ROUND_ROBIN)]
+    return target, []
 
 
 def _encoding(name: str) -> int:
@@ -140,7 +164,8 @@ class InferenceClient:
         """``wait_for_ready``: a call made while the server is away waits for it (up to the call's
         timeout) instead of failing at once with UNAVAILABLE (gRPC's own option; batch jobs use it)."""
         limit = max_message_mb * 1024 * 1024
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        target, balancing = resolve_target(target)
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *balancing]
         self.channel = channel or security.channel(target, options, tls_ca, token)
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.timeout = timeout

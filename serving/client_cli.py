@@ -126,7 +126,9 @@ def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcgan-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="localhost:50051", help="server address (default: localhost:50051)")
+    parser.add_argument("--target", default="localhost:50051",
+                        help="server or Envoy address (default: localhost:50051); several replicas as "
+                             "IP:PORT,IP:PORT or dns:///NAME:PORT are balanced per call (round_robin)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust: connect with TLS")
     parser.add_argument("--token-file", help="file holding the bearer token (needs --tls-ca)")

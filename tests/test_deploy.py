@@ -28,7 +28,8 @@ def _dockerfile(service: str) -> tuple[Path, str]:
 
 
 def test_services_and_profiles():
-    assert set(SERVICES) == {"server", "trainer", "prometheus"}
+    assert set(SERVICES) == {"server", "envoy", "trainer", "prometheus"}
+    assert SERVICES["server"]["deploy"]["replicas"] >= 2
     assert SERVICES["trainer"]["profiles"] == ["train"]
     devices = SERVICES["server"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -60,19 +61,25 @@ def test_server_command_is_accepted_by_the_server_cli():
     build_parser().parse_args(yaml.safe_load(cmd_default))
 
 
-def test_ports_agree_between_server_healthcheck_and_prometheus():
+def test_ports_agree_between_server_envoy_healthcheck_and_prometheus():
     server = SERVICES["server"]
     command = server["command"]
     grpc_port, metrics_port = _flag(command, "--port"), _flag(command, "--metrics-port")
-    assert f"{grpc_port}:{grpc_port}" in server["ports"] and f"{metrics_port}:{metrics_port}" in server["ports"]
+    assert "ports" not in server and {grpc_port, metrics_port} <= set(server["expose"])  # replicas share no host port
+    envoy = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())["static_resources"]
+    assert envoy["listeners"][0]["address"]["socket_address"]["port_value"] == int(grpc_port)
+    assert f"{grpc_port}:{grpc_port}" in SERVICES["envoy"]["ports"]
+    upstream = envoy["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert upstream["address"]["socket_address"] == {"address": "server", "port_value": int(grpc_port)}
+    assert "./deploy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in SERVICES["envoy"]["volumes"]
     probe = server["healthcheck"]["test"]
     assert probe[:4] == ["CMD", "python", "-m", "serving.healthcheck"]
     from serving.healthcheck import main  # noqa: F401  (the probe's module exists)
 
     assert _flag(probe, "--target").endswith(f":{grpc_port}")
     scrape = yaml.safe_load((ROOT / "serving" / "prometheus.yml").read_text())
-    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"server:{metrics_port}"]
+    discovery = scrape["scrape_configs"][0]["dns_sd_configs"][0]
+    assert discovery["names"] == ["server"] and discovery["port"] == int(metrics_port)
 
 
 def test_volumes_point_at_existing_paths():
@@ -97,3 +104,49 @@ def test_trainer_script_runs_existing_commands():
     env = SERVICES["trainer"]["environment"]
     mounts = [v.split(":")[1] for v in SERVICES["trainer"]["volumes"]]
     assert env["DATA"] in mounts and env["REPOSITORY"] in mounts and env["RUN"].startswith("/runs")
+
+
+K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+
+def _resources() -> list[dict]:
+    return [doc for path in K8S for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_pass_the_strict_schema_check():
+    import kubernetes_validate
+
+    resources = _resources()
+    for resource in resources:
+        kubernetes_validate.validate(resource, "1.37.0", strict=True)
+    kinds = sorted(r["kind"] for r in resources)
+    assert kinds == ["Deployment", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service"]
+    broken = next(r for r in resources if r["kind"] == "Deployment")
+    broken = {**broken, "spec": {**broken["spec"], "replica": 3}}  # a typo strict mode must catch
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.37.0", strict=True)
+
+
+def test_kubernetes_manifests_agree_with_the_server_and_envoy():
+    from serving.cluster import HEALTH_SERVICE
+    from serving.server import build_parser
+
+    by_name = {(r["kind"], r["metadata"]["name"]): r for r in _resources()}
+    pod = by_name[("Deployment", "dcgan-server")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert pod["terminationGracePeriodSeconds"] > args.grace_s
+    assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": HEALTH_SERVICE}
+    assert container["livenessProbe"]["grpc"]["port"] == args.port
+    headless = by_name[("Service", "server")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == args.port  # Envoy's DNS name
+    hpa = by_name[("HorizontalPodAutoscaler", "dcgan-server")]["spec"]
+    from serving.metrics import ServingMetrics
+
+    gauge = hpa["metrics"][0]["pods"]["metric"]["name"]
+    assert any(m.name == gauge for m in ServingMetrics().registry.collect())
+    kustomization = yaml.safe_load((ROOT / "deploy" / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(f"k8s/{p.name}" for p in K8S)
+    assert kustomization["configMapGenerator"][0]["files"] == ["envoy.yaml"]
+    envoy_pod = by_name[("Deployment", "dcgan-envoy")]["spec"]["template"]["spec"]
+    assert envoy_pod["volumes"][0]["configMap"]["name"] == kustomization["configMapGenerator"][0]["name"]

@@ -1,0 +1,201 @@
+"""Serving replicas behind Envoy: the Envoy configuration for this API, and ``dcgan-cluster``,
+which starts the same topology on one host without containers.
+
+    dcgan-cluster --replicas 3 --port 50051 --repository exported     # (make serve-cluster)
+
+The replicas are ordinary ``dcgan-serve`` processes on free ports; Envoy listens on ``--port``
+and balances each call (least request), checks every replica through ``grpc.health.v1`` and
+ejects failing ones, retries calls that a replica refused (UNAVAILABLE while draining) or lost
+(a reset connection) on another replica within a retry budget, and passes the client's deadline
+(``grpc-timeout``) through. Every RPC of the API is idempotent, which is what makes retries safe.
+The committed ``deploy/envoy.yaml`` (docker-compose and Kubernetes) is rendered by the same
+function with DNS discovery; a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+HEALTH_SERVICE = "dcgan.v1.InferenceService"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HTTP2 = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+#: Failures Envoy retries on another replica: a draining replica's UNAVAILABLE, and a replica
+#: that vanished (kill -9, crash) before or while answering.
+RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
+
+
+@dataclass(frozen=True)
+class Upstreams:
+    """Where the replicas are: fixed addresses (one host), or a DNS name resolving to all of them."""
+
+    addresses: tuple[tuple[str, int], ...] = ()
+    dns_name: str = ""
+    dns_port: int = 50051
+
+    def cluster_fields(self) -> dict:
+        if self.dns_name:
+            endpoints = [(self.dns_name, self.dns_port)]
+            fields = {"type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY", "dns_refresh_rate": "5s"}
+        else:
+            endpoints, fields = list(self.addresses), {"type": "STATIC"}
+        lb_endpoints = [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in endpoints]
+        return {**fields, "load_assignment": {"cluster_name": "dcgan", "endpoints": [{"lb_endpoints": lb_endpoints}]}}
+
+
+def envoy_config(upstreams: Upstreams, port: int, admin_port: int, host: str = "0.0.0.0",
+                 admin_host: str = "127.0.0.1", health_interval_s: float = 1.0) -> dict:
+    """Envoy's bootstrap for the API: one gRPC route to the replica cluster."""
+    route = {
+        "cluster": "dcgan",
+        "timeout": "0s",  # no route timeout of Envoy's own: the client's deadline rules
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # honour grpc-timeout, uncapped
+        "retry_policy": {
+            "retry_on": RETRY_ON,
+            "num_retries": 3,
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                      "typed_config": {"@type": PREVIOUS_HOSTS}}],
+            "host_selection_retry_max_attempts": 5,
+            "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        },
+    }
+    manager = {
+        "@type": HCM, "stat_prefix": "dcgan", "codec_type": "AUTO",
+        "route_config": {"name": "dcgan", "virtual_hosts": [
+            {"name": "dcgan", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    interval = f"{health_interval_s:g}s"
+    cluster = {
+        "name": "dcgan",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        # never route to a replica known to be down, even when most are (Envoy's default "panic"
+        # below 50% healthy would spread calls over the dead ones too)
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP2, "explicit_http_config": {"http2_protocol_options": {}}}},
+        "health_checks": [{"timeout": "1s", "interval": interval, "unhealthy_threshold": 1,
+                           "healthy_threshold": 1, "no_traffic_interval": interval,
+                           "grpc_health_check": {"service_name": HEALTH_SERVICE}}],
+        "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 2,
+                              "consecutive_local_origin_failure": 2, "split_external_local_origin_errors": True,
+                              "interval": interval, "base_ejection_time": "10s", "max_ejection_percent": 50},
+        "circuit_breakers": {"thresholds": [{"max_requests": 4096, "max_pending_requests": 4096,
+                                             "retry_budget": {"budget_percent": {"value": 25.0},
+                                                              "min_retry_concurrency": 8}}]},
+        **upstreams.cluster_fields(),
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{"name": "grpc", "address": {"socket_address": {"address": host, "port_value": port}},
+                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                           "typed_config": manager}]}]}],
+            "clusters": [cluster],
+        },
+    }
+
+
+def compose_config() -> str:
+    """deploy/envoy.yaml: Envoy in docker-compose or Kubernetes, finding the replicas by DNS
+    (the compose service ``server``; in Kubernetes the headless Service of the same name)."""
+    config = envoy_config(Upstreams(dns_name="server", dns_port=50051), port=50051, admin_port=9901,
+                          admin_host="0.0.0.0")
+    header = "# Rendered by serving.cluster.compose_config(); tests/test_cluster.py keeps it in step.\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- the local cluster
+
+
+def start_replica(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """A ``dcgan-serve`` process on a free port; returns it once it listens, with the port."""
+    process = subprocess.Popen([sys.executable, "-m", "serving.server", "--port", "0", "--host", "127.0.0.1",
+                                *args], stdout=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("dcgan-serve: listening on port "):
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+            return process, int(line.rsplit(" ", 1)[1])
+    raise RuntimeError(f"dcgan-serve {' '.join(args)} exited with status {process.wait()} before listening")
+
+
+def start_envoy(config: dict, config_path: Path, log_path: Path) -> subprocess.Popen:
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    envoy = Path(sys.executable).with_name("envoy")
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen([str(envoy), "-c", str(config_path), "--log-level", "warn", "--disable-hot-restart"],
+                                stdout=log_file, stderr=log_file)
+
+
+@contextlib.contextmanager
+def local_cluster(replicas: int, port: int, admin_port: int, work_dir: Path,
+                  serve_args: list[str]) -> Iterator[tuple[subprocess.Popen, list[tuple[subprocess.Popen, int]]]]:
+    """N replicas and Envoy in front of them, stopped (SIGTERM: replicas drain) on exit."""
+    started: list[tuple[subprocess.Popen, int]] = []
+    envoy = None
+    try:
+        for _ in range(replicas):
+            started.append(start_replica([*serve_args, "--metrics-port", "0"]))
+        upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in started))
+        envoy = start_envoy(envoy_config(upstreams, port, admin_port, host="127.0.0.1"),
+                            work_dir / "envoy.yaml", work_dir / "envoy.log")
+        yield envoy, started
+    finally:
+        for process in [envoy, *(p for p, _ in started)]:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [envoy, *(p for p, _ in started)]:
+            if process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=30)
+                if process.poll() is None:
+                    process.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dcgan-cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--port", type=int, default=50051, help="Envoy's gRPC port (default: 50051)")
+    parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port, on 127.0.0.1")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/cluster"), help="Envoy's config and log")
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER,
+                        help="after --: flags for every dcgan-serve replica (e.g. -- --repository exported)")
+    args = parser.parse_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be >= 1")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    serve_args = [a for a in args.serve_args if a != "--"]
+    with local_cluster(args.replicas, args.port, args.admin_port, args.work_dir, serve_args) as (envoy, replicas):
+        ports = ", ".join(str(p) for _, p in replicas)
+        print(f"dcgan-cluster: Envoy on port {args.port} in front of {args.replicas} replicas (ports {ports}); "
+              f"Ctrl-C stops them all", flush=True)
+        while not stop.wait(0.5):
+            if envoy.poll() is not None:
+                print(f"dcgan-cluster: envoy exited with status {envoy.returncode}; see "
+                      f"{args.work_dir / 'envoy.log'}", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Serving replicas behind a real Envoy, and gRPC's round_robin over replicas: real processes.
+
+A score job through Envoy over 3 replicas keeps going while a new model version is published,
+one replica is drained by SIGTERM and another is killed with calls in flight; the job itself
+does not retry (patience 0), so every call it saw succeed was Envoy's doing.
+"""
+
+from __future__ import annotations
+
+import csv
+import signal
+import socket
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from dcgan_core.repository import Repository
+from serving import jobs
+from serving.client import InferenceClient
+from serving.cluster import Upstreams, compose_config, envoy_config, local_cluster
+from tests.conftest import ROOT, wait_for
+from tests.repo_faults import add_version
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    import shutil
+    import sys
+
+    found = Path(sys.executable).with_name("envoy")
+    return str(found) if found.exists() else (shutil.which("envoy") or pytest.skip("no envoy binary"))
+
+
+def test_the_committed_envoy_config_is_the_rendered_one_and_envoy_accepts_both(tmp_path):
+    committed = ROOT / "deploy" / "envoy.yaml"
+    assert committed.read_text() == compose_config()
+    static = tmp_path / "static.yaml"
+    static.write_text(yaml.safe_dump(envoy_config(Upstreams(addresses=(("127.0.0.1", 1), ("127.0.0.1", 2))),
+                                                  port=free_port(), admin_port=free_port())))
+    for config in (committed, static):
+        checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True,
+                                 text=True, timeout=60)
+        assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+
+
+@pytest.fixture()
+def repository(tmp_path, tiny_run) -> Repository:
+    from training.export import export_run
+
+    repository = Repository(tmp_path / "repo")
+    export_run(tiny_run, repository, "tiny")
+    return repository
+
+
+def _healthy_upstreams(admin_port: int) -> int:
+    """Replicas Envoy's health checks passed (0 while Envoy itself is still starting)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as answer:
+            return answer.read().decode().count("::health_flags::healthy")
+    except OSError:
+        return 0
+
+
+@pytest.fixture()
+def cluster(repository, tmp_path):
+    envoy_port, admin_port = free_port(), free_port()
+    serve = ["--repository", str(repository.root), "--poll-s", "0.1", "--grace-s", "5"]
+    with local_cluster(3, envoy_port, admin_port, tmp_path, serve) as (envoy, replicas):
+        assert wait_for(lambda: _healthy_upstreams(admin_port) == 3), (tmp_path / "envoy.log").read_text()
+        yield envoy_port, admin_port, replicas
+
+
+def _inputs(folder: Path, count: int) -> list[str]:
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    paths = []
+    for index, image in enumerate(pixels):
+        path = folder / f"{index:05d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    return paths
+
+
+class Paced:
+    """The job's client, which runs an operator action before given calls: the action happens
+    while the job's other calls are in flight, at a known point of the job."""
+
+    def __init__(self, client: InferenceClient, actions: dict):
+        self.client, self.actions, self.calls, self.lock = client, actions, 0, threading.Lock()
+
+    def score(self, *args, **kwargs):
+        with self.lock:
+            call, self.calls = self.calls, self.calls + 1
+        if call in self.actions:
+            self.actions[call]()
+        return self.client.score(*args, **kwargs)
+
+
+def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(cluster, repository, tmp_path):
+    envoy_port, admin_port, replicas = cluster
+    inputs = _inputs(tmp_path / "images", 2000)
+    direct = [InferenceClient(f"127.0.0.1:{port}") for _, port in replicas]
+
+    def publish() -> None:
+        add_version(repository, "tiny")
+        assert wait_for(lambda: all(c.get_model("tiny").latest_version == 2 for c in direct))
+
+    def drain() -> None:  # SIGTERM: health NOT_SERVING, new calls refused (Envoy retries them), exit 0
+        replicas[0][0].send_signal(signal.SIGTERM)
+        assert replicas[0][0].wait(timeout=30) == 0
+
+    def kill() -> None:
+        replicas[1][0].send_signal(signal.SIGKILL)
+        replicas[1][0].wait(timeout=30)
+
+    output = tmp_path / "scores.csv"
+    with InferenceClient(f"127.0.0.1:{envoy_port}", timeout=30) as client:
+        paced = Paced(client, {30: publish, 60: drain, 90: kill})
+        summary = jobs.score_job(paced, inputs, output, "tiny", batch=16, concurrency=4, patience_s=0,
+                                 progress=False)
+    assert paced.calls == 125 and summary.errors == 0
+    with output.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in rows) == sorted(inputs)  # every input exactly once
+    assert all(row["error"] == "" and 0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+    versions = [int(row["version"]) for row in rows]
+    assert set(versions) == {1, 2} and versions[-1] == 2
+    assert replicas[2][0].poll() is None  # the survivor served the end of the job
+    for client in direct:
+        client.close()
+
+
+def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):
+    metrics_ports = [free_port() for _ in range(3)]
+    from serving.cluster import start_replica
+
+    started = [start_replica(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", str(port)])
+               for port in metrics_ports]
+    try:
+        addresses = [f"127.0.0.1:{port}" for _, port in started]
+        samples = []
+        for address in addresses:
+            with InferenceClient(address) as client:
+                samples.append(client.sample(8, model="tiny", seed=12, encoding="png").png)
+        assert samples[0] == samples[1] == samples[2]
+        with InferenceClient(",".join(addresses)) as balanced:
+            for _ in range(30):
+                assert balanced.sample(2, model="tiny", seed=12, encoding="png").png == samples[0][:2]
+        for port in metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            counted = [line for line in text.splitlines()
+                       if line.startswith('dcgan_requests_total{code="OK",method="Sample",model="tiny"}')]
+            assert counted and float(counted[0].split()[-1]) >= 5, counted  # each got about 10 of 30
+    finally:
+        for process, _ in started:
+            process.send_signal(signal.SIGTERM)
+        for process, _ in started:
+            process.wait(timeout=30)
+
+
+def test_several_targets_must_be_addresses():
+    from serving.client import resolve_target
+
+    assert resolve_target("127.0.0.1:1,127.0.0.1:2")[0] == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert resolve_target("[::1]:1,[::1]:2")[0] == "ipv6:[::1]:1,[::1]:2"
+    assert resolve_target("dns:///server:50051")[1]  # round_robin over what the name resolves to
+    assert resolve_target("localhost:50051") == ("localhost:50051", [])
+    with pytest.raises(ValueError, match="use one dns:///NAME:PORT"):
+        resolve_target("a:1,b:2")
