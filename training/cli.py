@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = [dry, {"run": {"run_dir": run_dir}}] + overrides
             config = load_config(args.preset, args.config, overrides)
             trainer = Trainer(config, force=args.force)
+            if not trainer.world.main:  # under torchrun rank 0 speaks for the job
+                logging.getLogger().setLevel(logging.WARNING)
             log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
                      trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
                      trainer.step, trainer.total_steps)

@@ -81,6 +81,7 @@ class RunConfig:
     progress: bool = True
     eval_every: int = 0  # epochs between evaluations (toys, or 1x28x28 images); the best is kept as best.pt
     eval_samples: int = 2000  # samples per in-training evaluation
+    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 #: Settings that may change when a run resumes; everything else must match the checkpoint.
 RESUMABLE_KEYS = frozenset({"data.path", "data.download", "run.run_dir", "run.epochs",
                             "run.max_steps", "run.device", "run.checkpoint_every", "run.progress",
-                            "run.eval_every", "run.eval_samples"})
+                            "run.eval_every", "run.eval_samples", "run.sync_batchnorm"})
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The recipe of the committed default model: the DCGAN architecture deepened by one 3x3

@@ -49,11 +49,17 @@ LOSSES: dict[str, GanLoss] = {
 }
 
 
+def interpolation_shape(batch: torch.Tensor, rows: int | None = None) -> tuple[int, ...]:
+    """Shape of the gradient penalty's mixing weights: one per row, broadcast over the rest."""
+    return (batch.shape[0] if rows is None else rows,) + (1,) * (batch.dim() - 1)
+
+
 def gradient_penalty(discriminator: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gulrajani et al. 2017: E[(||grad D(x_hat)|| - 1)^2] on random interpolates x_hat."""
-    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    alpha = torch.rand(shape, generator=generator, device=real.device, dtype=real.dtype)
+                     generator: torch.Generator | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Gulrajani et al. 2017: E[(||grad D(x_hat)|| - 1)^2] on random interpolates x_hat
+    (``alpha``: the mixing weights, [N, 1, ...]; drawn from ``generator`` when not given)."""
+    if alpha is None:
+        alpha = torch.rand(interpolation_shape(real), generator=generator, device=real.device, dtype=real.dtype)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(mixed).sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from dcgan_core import locking
 from dcgan_core.latents import latents
-from training import checkpoint, reporting
+from training import checkpoint, distributed, reporting
 from training.config import ConfigError, TrainConfig
 from training.data import ImageBatches, ToyBatches, _mix, build_batches, toy_mixture
-from training.losses import LOSSES, gradient_penalty
+from training.losses import LOSSES, gradient_penalty, interpolation_shape
 from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,11 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run.run_dir)
         self.device = resolve_device(config.run.device)
+        self.world = distributed.join(self.device.type)
+        if self.device.type == "cuda" and self.world.size > 1:
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        self._check_world()
         self.cuda = self.device.type == "cuda"
         torch.manual_seed(config.run.seed)
         generator, discriminator = build_models(config)
@@ -120,6 +125,7 @@ class Trainer:
         self.G = generator.to(self.device, memory_format=memory_format)
         self.D = discriminator.to(self.device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.G).requires_grad_(False) if config.run.ema_decay > 0 else None
+        self._join_models()
         o = config.optim
         self.opt_g = torch.optim.Adam(self.G.parameters(), o.lr_g, betas=(o.beta1, o.beta2))
         self.opt_d = torch.optim.Adam(self.D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
@@ -139,10 +145,36 @@ class Trainer:
         self._reference = None  # metrics.ImageReference, loaded at the first evaluation
         self.checkpoint_path = self.run_dir / checkpoint.CHECKPOINT_NAME
         self.metrics: reporting.MetricsLog | None = None  # open only inside train()
-        with locking.exclusive(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"):
+        with self._owning_run_dir():
             pass  # in use by another trainer: say so before anything else (train() holds it)
         if self.checkpoint_path.exists():
             self._resume(force)
+
+    def _check_world(self) -> None:
+        size, batch = self.world.size, self.config.optim.batch_size
+        if batch % size:
+            raise ConfigError(f"optim.batch_size = {batch} is the global batch and must divide among the "
+                              f"{size} processes of this job")
+        if self.config.run.sync_batchnorm and size > 1 and self.device.type != "cuda":
+            raise ConfigError("run.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on CPU (gloo)")
+
+    def _join_models(self) -> None:
+        """Under torchrun: rank 0's weights everywhere, SyncBatchNorm if asked, and a torch RNG of
+        each rank's own (the EMA copy keeps plain BatchNorm: it is only run by rank 0)."""
+        if self.world.size == 1:
+            return
+        distributed.broadcast_module(self.G, self.world)
+        distributed.broadcast_module(self.D, self.world)
+        if self.config.run.sync_batchnorm:
+            self.G = nn.SyncBatchNorm.convert_sync_batchnorm(self.G)
+            self.D = nn.SyncBatchNorm.convert_sync_batchnorm(self.D)
+        torch.manual_seed(_mix(self.config.run.seed, 1000 + self.world.rank))
+
+    def _owning_run_dir(self) -> contextlib.AbstractContextManager:
+        """The run directory's lock, held by rank 0 alone (the one process that writes there)."""
+        if not self.world.main:
+            return contextlib.nullcontext()
+        return locking.exclusive(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}")
 
     def _adopt_class_names(self, names: list[str]) -> None:
         """The data's class names go into the config (and so the checkpoint and the manifest)."""
@@ -185,6 +217,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        if not self.world.main:
+            return
         if self.metrics is not None:
             self.metrics.flush()
         checkpoint.save(self.checkpoint_path, self.state())
@@ -223,23 +257,32 @@ class Trainer:
             return None
         return torch.multinomial(self.fake_label_weights, count, replacement=True, generator=self.noise)
 
+    def _mine(self, batch: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's rows of a tensor drawn for the global batch (all of it in one process)."""
+        return None if batch is None else batch[self.world.rows(len(batch))]
+
     def train_step(self, real: torch.Tensor, real_labels: torch.Tensor | None = None) -> dict[str, float]:
         """One D update on ``real`` and, every d_steps, one G update (D frozen). A conditional
-        model's D sees each batch with its labels: real ones for real images, drawn ones for fakes."""
+        model's D sees each batch with its labels: real ones for real images, drawn ones for fakes.
+        Under torchrun ``real`` is this rank's share; the noise is drawn for the global batch."""
         update_g = (self.step + 1) % self.config.optim.d_steps == 0
-        fake_labels = self._fake_labels(real.shape[0])
+        batch = real.shape[0] * self.world.size
+        fake_labels = self._mine(self._fake_labels(batch))
         with self._autocast():
             with torch.set_grad_enabled(update_g):
-                fake = self.G(self._latents(real.shape[0]), fake_labels)
+                fake = self.G(self._mine(self._latents(batch)), fake_labels)
             real_logits = self.D(real, real_labels).float()
             fake_logits = self.D(fake.detach(), fake_labels).float()
             loss_d = self.loss.d_loss(real_logits, fake_logits, 1.0 - self.config.loss.label_smoothing)
         if self.loss.gradient_penalty:  # interpolates of a real and a fake image keep the real label
             critic = lambda x: self.D(x, real_labels)  # noqa: E731
+            alpha = torch.rand(interpolation_shape(real, batch), generator=self.noise, device=real.device,
+                               dtype=real.dtype)
             loss_d = loss_d + self.config.loss.gp_weight * gradient_penalty(
-                critic, real, fake.detach().to(real.dtype), self.noise)
+                critic, real, fake.detach().to(real.dtype), alpha=self._mine(alpha))
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        distributed.average_gradients(self.D, self.world)
         self._set_lr(self.opt_d, self.config.optim.lr_d)
         self.opt_d.step()
         if update_g:
@@ -248,7 +291,7 @@ class Trainer:
             stats = torch.stack([
                 loss_d.detach(), torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean(),
                 ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2])
-        loss_d_value, d_real, d_fake, d_acc = stats.tolist()
+        loss_d_value, d_real, d_fake, d_acc = distributed.mean(stats, self.world).tolist()
         return {"loss_d": loss_d_value, "loss_g": self.last_loss_g, "d_real": d_real,
                 "d_fake": d_fake, "d_acc": d_acc}
 
@@ -258,11 +301,12 @@ class Trainer:
             loss_g = self.loss.g_loss(self._top_k(self.D(fake, labels).float()))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        distributed.average_gradients(self.G, self.world)
         self._set_lr(self.opt_g, self.config.optim.lr_g)
         self.opt_g.step()
         self.D.requires_grad_(True)
         self.g_steps += 1
-        self.last_loss_g = loss_g.item()
+        self.last_loss_g = distributed.mean(loss_g.detach().clone(), self.world).item()
         self._update_ema()
 
     def _top_k(self, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -319,49 +363,54 @@ class Trainer:
         one; a second signal stops at once without saving (the last checkpoint stays valid).
         The run directory is owned for the duration (a second trainer on it is refused).
         """
-        with locking.exclusive(self.run_dir / RUN_LOCK, f"run directory {self.run_dir}"), \
-                _StopRequests() as stop:
-            remove_stale_temporaries(self.run_dir)
+        with self._owning_run_dir(), _StopRequests() as stop:
+            if self.world.main:
+                remove_stale_temporaries(self.run_dir)
             return self._train(stop)
 
     def _train(self, stop: "_StopRequests") -> TrainResult:
         total, spe = self.total_steps, self.steps_per_epoch
         stats: dict[str, float] = {}
         unit = "img" if self.config.kind == "dcgan" else "pt"
-        bar = tqdm(total=total * self.config.optim.batch_size, initial=self.step * self.config.optim.batch_size,
-                   unit=unit, unit_scale=True, disable=not self.config.run.progress, dynamic_ncols=True,
-                   mininterval=0.5)
-        self.metrics = reporting.MetricsLog(self.run_dir / "metrics.jsonl", self.step)
+        batch = self.config.optim.batch_size
+        bar = tqdm(total=total * batch, initial=self.step * batch, unit=unit, unit_scale=True,
+                   disable=not (self.config.run.progress and self.world.main), dynamic_ncols=True, mininterval=0.5)
+        if self.world.main:
+            self.metrics = reporting.MetricsLog(self.run_dir / "metrics.jsonl", self.step)
         self.G.train()
         self.D.train()
         try:
             while self.step < total:
                 epoch, index = divmod(self.step, spe)
-                real = self.batches.batch(epoch, index).to(self.device, memory_format=self.memory_format)
+                real = self._mine(self.batches.batch(epoch, index)).to(self.device, memory_format=self.memory_format)
                 if self.classes:
-                    stats = self.train_step(real, self.batches.labels(epoch, index).to(self.device))
+                    stats = self.train_step(real, self._mine(self.batches.labels(epoch, index)).to(self.device))
                 else:
                     stats = self.train_step(real)
                 self._check_finite(stats, epoch)
                 self.step += 1
-                self.metrics.write({"step": self.step, "epoch": epoch, **stats})
+                if self.metrics is not None:
+                    self.metrics.write({"step": self.step, "epoch": epoch, **stats})
                 bar.set_postfix(epoch=f"{epoch + 1}/{self.config.run.epochs}", refresh=False, **{
                     k: f"{v:.3f}" for k, v in stats.items() if k != "loss_g" or not math.isnan(v)})
-                bar.update(real.shape[0])
+                bar.update(batch)
                 saved = self.step % spe == 0 or self.step % self.config.run.checkpoint_every == 0 \
                     or self.step == total
                 if self.step % spe == 0:
                     self.end_of_epoch(epoch)
                 elif saved:
                     self.save_checkpoint()
-                if stop.requested:  # at a step boundary: the checkpoint is exactly this step
+                if distributed.any_rank(stop.requested, self.world, self.device):
+                    # at a step boundary, the same one on every rank: the checkpoint is exactly this step
                     if not saved:
                         self.save_checkpoint()
-                    log.warning("stopped by signal at step %d; checkpoint written", self.step)
+                    if self.world.main:
+                        log.warning("stopped by signal at step %d; checkpoint written", self.step)
                     raise KeyboardInterrupt
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.metrics = None
         return TrainResult(self.step, self.step / spe, stats, self.run_dir)
 
@@ -375,12 +424,14 @@ class Trainer:
                 f"Restarting resumes from it: lower optim.lr_d/lr_g or change loss.name first.")
 
     def end_of_epoch(self, epoch: int) -> None:
-        """Sample grid, curves, an evaluation when one is due, then the checkpoint.
+        """Sample grid, curves, an evaluation when one is due, then the checkpoint (rank 0 only).
 
         The evaluation's results (best.pt, then its eval.jsonl record) are durable before the
         checkpoint that moves past this epoch: a crash in between re-runs the epoch's end on
         resume (same figures on CPU) instead of losing the evaluation.
         """
+        if not self.world.main:
+            return
         self.metrics.flush()
         self.save_samples(self.run_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
         reporting.save_curves(reporting.read_metrics(self.metrics.path), self.run_dir / "curves.png")
