@@ -97,3 +97,17 @@ def test_a_killed_rank_ends_the_job_with_its_error_and_no_corrupt_checkpoint(tmp
     assert "FAILED" in output and "Signal 9 (SIGKILL)" in output, output
     state = checkpoint.load(tmp_path / "checkpoint.pt", "cpu")  # the last complete one
     assert state["step"] % 5 == 0 or state["step"] % 8 == 0
+
+
+def test_a_two_process_run_resumed_at_two_processes_continues_bit_for_bit(tmp_path):
+    settings = {**TINY, "run.epochs": 2, "run.checkpoint_every": 3}
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert finished(torchrun(straight, {**settings, "run.max_steps": 10}))[0] == 0
+    assert finished(torchrun(interrupted, {**settings, "run.max_steps": 5}))[0] == 0
+    assert finished(torchrun(interrupted, {**settings, "run.max_steps": 10}))[0] == 0
+    a = checkpoint.load(straight / "checkpoint.pt", "cpu")
+    b = checkpoint.load(interrupted / "checkpoint.pt", "cpu")
+    assert a["step"] == b["step"] == 10
+    for network in ("generator", "discriminator", "ema"):
+        for name, tensor in a[network].items():
+            assert torch.equal(b[network][name], tensor), f"{network}.{name}"
