@@ -192,3 +192,15 @@ def test_a_job_waits_for_a_server_that_is_not_there_yet(serving_repo, image_fold
         job.kill()
     rows = list(csv.DictReader(output.read_text().splitlines()))
     assert len(rows) == 10 and all(not r["error"] for r in rows)
+
+
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path):
+    """Job outputs, grids and checkpoints are for others to read too: not mkstemp's private 0600."""
+    import stat
+
+    from dcgan_core.atomic import atomic_write_bytes
+
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(b"x")
+    atomic_write_bytes(tmp_path / "atomic.png", b"x")
+    assert stat.S_IMODE((tmp_path / "atomic.png").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
