@@ -386,7 +386,7 @@ class InferenceService:
     async def _candidates(self, loaded: LoadedVersion, plan: SamplePlan, count: int,
                           call: Call) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The next ``count`` candidates of the plan's stream: samples, logits and labels."""
-        z, labels = plan.stream.take(count)
+        z, labels = await asyncio.to_thread(plan.stream.take, count)  # (thousands of rows: not on the loop)
         if plan.label is not None:
             labels = np.full(count, plan.label, dtype=np.int64)
         samples = await self._generate(loaded, z, labels, call)

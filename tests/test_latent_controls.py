@@ -358,3 +358,27 @@ def test_cli_and_sample_job_take_the_controls(server, tmp_path, capsys):
                             "--out", str(tmp_path / "x.png")]) == 1
     assert "min_score = 2.0 is out of range" in capsys.readouterr().err
 
+
+
+def test_truncated_and_guided_draws_run_off_the_event_loop(client, monkeypatch):
+    """At t = 0.1 a latent row takes dozens of redraw rounds: on the server's event loop, one such
+    request would stall every other call."""
+    import asyncio
+
+    on_loop = []
+    take = LatentStream.take
+
+    def recording(self, count):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(count)
+        except RuntimeError:
+            pass  # a worker thread: no loop here
+        return take(self, count)
+
+    monkeypatch.setattr(LatentStream, "take", recording)
+    client.sample(64, model="plain", seed=2, controls=Controls(truncation=0.1))
+    client.sample(4, model="plain", seed=2, controls=Controls(keep_top=0.5))
+    client.walk(1, 2, 4, model="plain", truncation=0.1)
+    list(client.sample_stream(8, model="plain", seed=2, chunk_size=4, controls=Controls(truncation=0.1)))
+    assert on_loop == []
