@@ -9,12 +9,10 @@ medians and the ratios to the direct figure.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model, interleaved, median, save  # noqa: E402
 from serving.client import InferenceClient  # noqa: E402
-from serving.cluster import Upstreams, envoy_config, start_envoy, start_replica  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from serving.cluster import (Upstreams, envoy_config, free_port, start_envoy, start_replica,  # noqa: E402
+                             wait_healthy)
 
 
 def load(target: str, model: str, count: int, clients: int, seconds: float) -> dict:
@@ -59,18 +52,6 @@ def load(target: str, model: str, count: int, clients: int, seconds: float) -> d
             "p99_ms": 1000 * float(np.percentile(latencies, 99))}
 
 
-def wait_healthy(admin_port: int, replicas: int) -> None:
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as answer:
-                if answer.read().decode().count("::health_flags::healthy") == replicas:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("Envoy never saw its replicas healthy")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", default="exported")
@@ -91,7 +72,7 @@ def main() -> None:
                 upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in replicas[:n]))
                 envoys.append(start_envoy(envoy_config(upstreams, port, admin, host="127.0.0.1"),
                                           Path(scratch) / f"envoy{n}.yaml", Path(scratch) / f"envoy{n}.log"))
-                wait_healthy(admin, n)
+                wait_healthy(admin, n, envoys[-1])
                 targets[f"envoy_{n}_replica{'s' if n > 1 else ''}"] = f"127.0.0.1:{port}"
             runs = {name: (lambda t=target: load(t, args.model, args.count, args.clients, args.seconds))
                     for name, target in targets.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import signal
-import socket
 import subprocess
 import threading
 import urllib.request
@@ -23,15 +22,10 @@ from PIL import Image
 from dcgan_core.repository import Repository
 from serving import jobs
 from serving.client import InferenceClient
-from serving.cluster import Upstreams, compose_config, envoy_config, local_cluster
+from serving.cluster import (Upstreams, compose_config, envoy_config, free_port, healthy_upstreams,
+                             local_cluster, start_replica)
 from tests.conftest import ROOT, wait_for
 from tests.repo_faults import add_version
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def envoy_binary() -> str:
     import shutil
@@ -62,21 +56,12 @@ def repository(tmp_path, tiny_run) -> Repository:
     return repository
 
 
-def _healthy_upstreams(admin_port: int) -> int:
-    """Replicas Envoy's health checks passed (0 while Envoy itself is still starting)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as answer:
-            return answer.read().decode().count("::health_flags::healthy")
-    except OSError:
-        return 0
-
-
 @pytest.fixture()
 def cluster(repository, tmp_path):
     envoy_port, admin_port = free_port(), free_port()
     serve = ["--repository", str(repository.root), "--poll-s", "0.1", "--grace-s", "5"]
     with local_cluster(3, envoy_port, admin_port, tmp_path, serve) as (envoy, replicas):
-        assert wait_for(lambda: _healthy_upstreams(admin_port) == 3), (tmp_path / "envoy.log").read_text()
+        assert healthy_upstreams(admin_port) == 3
         yield envoy_port, admin_port, replicas
 
 
@@ -118,10 +103,12 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
     def drain() -> None:  # SIGTERM: health NOT_SERVING, new calls refused (Envoy retries them), exit 0
         replicas[0][0].send_signal(signal.SIGTERM)
         assert replicas[0][0].wait(timeout=30) == 0
+        assert wait_for(lambda: healthy_upstreams(admin_port) == 2)  # out of rotation
 
     def kill() -> None:
         replicas[1][0].send_signal(signal.SIGKILL)
         replicas[1][0].wait(timeout=30)
+        assert wait_for(lambda: healthy_upstreams(admin_port) == 1)
 
     output = tmp_path / "scores.csv"
     with InferenceClient(f"127.0.0.1:{envoy_port}", timeout=30) as client:
@@ -142,8 +129,6 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
 
 def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):
     metrics_ports = [free_port() for _ in range(3)]
-    from serving.cluster import start_replica
-
     started = [start_replica(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", str(port)])
                for port in metrics_ports]
     try:
