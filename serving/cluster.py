@@ -139,13 +139,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def healthy_upstreams(admin_port: int) -> int:
-    """How many replicas Envoy's health checks passed (0 while Envoy itself is still starting)."""
+def upstream_health(admin_port: int) -> dict[int, str]:
+    """Envoy's health flags of each replica by port: "healthy", or why not (e.g. /failed_active_hc);
+    empty while Envoy itself is still starting."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as answer:
-            return answer.read().decode().count("::health_flags::healthy")
+            lines = answer.read().decode().splitlines()
     except OSError:
-        return 0
+        return {}
+    flags = [line.split("::") for line in lines if "::health_flags::" in line]
+    return {int(parts[1].rsplit(":", 1)[1]): parts[-1] for parts in flags}
+
+
+def healthy_upstreams(admin_port: int) -> int:
+    """How many replicas Envoy routes to (0 while Envoy itself is still starting)."""
+    return sum(flags == "healthy" for flags in upstream_health(admin_port).values())
 
 
 def wait_healthy(admin_port: int, replicas: int, envoy: subprocess.Popen, timeout_s: float = 60.0) -> None:
