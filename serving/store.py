@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from dcgan_core.repository import MANIFEST_NAME, Fingerprint, Manifest, Repository, RepositoryError
 from serving.batcher import BatchStats, DynamicBatcher
 from serving.config import ServeConfig
-from serving.errors import NotFound, quoted
+from serving.errors import InvalidArgument, NotFound, quoted
 from serving.metrics import ServingMetrics
 from serving.runtime import OnnxNetwork, execution_plan
 
@@ -289,10 +289,10 @@ class ModelStore:
         return models[name]
 
     def _resolve(self, name: str, version: int) -> LoadedVersion:
+        if version < 0:  # a malformed request, whatever the repository holds
+            raise InvalidArgument(f"version must be >= 0 (0 = latest), got {version}")
         entry = self.entry(name)
         ready = entry.ready()
-        if version < 0:
-            raise NotFound(f"version must be >= 0 (0 = latest), got {version}")
         if version == 0:
             if not ready:
                 raise NotFound(f"model {entry.name!r} has no ready version")

@@ -117,6 +117,8 @@ def test_real_mnist_digits_score_above_noise(client, mnist_dir):
     (lambda c: c.score(np.zeros((2, 1, 32, 32), np.uint8)), "inputs have shape [2, 1, 32, 32]; model 'tiny' expects [N, 1, 28, 28]"),
     (lambda c: c.score(np.full((2, 1, 28, 28), 3.0, np.float32)), "image 0 has float32 values outside the model range"),
     (lambda c: c.score(np.zeros((0, 1, 28, 28), np.uint8)), "number of images must be in 1..1024, got 0"),
+    (lambda c: c.sample(2, seed=1, version=-1), "version must be >= 0 (0 = latest), got -1"),
+    (lambda c: c.score(np.zeros((1, 1, 28, 28), np.uint8), version=-3), "version must be >= 0 (0 = latest), got -3"),
 ])
 def test_invalid_argument(client, call, message):
     with pytest.raises(InvalidArgumentError) as error:
