@@ -56,6 +56,7 @@ bench: setup
 	$(PY) bench/cluster_overhead.py --repository exported --model mnist-dcgan
 	$(PY) bench/drain_through_envoy.py --repository exported --model mnist-dcgan
 	$(PY) bench/ddp_throughput.py --data-dir $(MNIST)
+	$(PY) bench/step_time.py --data-dir $(MNIST) --profile
 
 clean:
 	rm -rf $(VENV) protos/dcgan/v1/*_pb2*.py* .pytest_cache
