@@ -84,16 +84,26 @@ def _out_of_rotation(admin_port: int, replica_port: int) -> bool:
 
 class Paced:
     """The job's client, which runs an operator action before given calls: the action happens
-    while the job's other calls are in flight, at a known point of the job."""
+    while the job's other calls are in flight, at a known point of the job. Actions run one after
+    another in call order (the job's threads would otherwise start the drain while the publish
+    still checks every replica)."""
 
     def __init__(self, client: InferenceClient, actions: dict):
-        self.client, self.actions, self.calls, self.lock = client, actions, 0, threading.Lock()
+        self.client, self.calls, self.lock = client, 0, threading.Lock()
+        self.actions = dict(sorted(actions.items()))
+        self.done = {call: threading.Event() for call in self.actions}
 
     def score(self, *args, **kwargs):
         with self.lock:
             call, self.calls = self.calls, self.calls + 1
         if call in self.actions:
-            self.actions[call]()
+            earlier = [c for c in self.actions if c < call]
+            if earlier:
+                self.done[earlier[-1]].wait()
+            try:
+                self.actions[call]()
+            finally:
+                self.done[call].set()
         return self.client.score(*args, **kwargs)
 
 
