@@ -75,13 +75,6 @@ def latents(seed: int, count: int, size: int) -> np.ndarray:
     return LatentStream(seed, size).take(count)[0]
 
 
-def labels(seed: int, count: int, classes: int) -> np.ndarray:
-    """The classes a seeded request of a class-conditional model gets when it names none:
-    ``numpy.random.default_rng([seed, 1]).integers(0, classes, count)`` (int64), a stream apart
-    from the latents', so the latents of a seed do not depend on whether labels were drawn."""
-    return LatentStream(seed, 1, classes).take(count)[1]
-
-
 def draw_seed() -> int:
     """A fresh random seed for requests that did not bring one (returned to the caller)."""
     return int(np.random.default_rng().integers(0, SEED_MAX, dtype=np.int64))

@@ -200,15 +200,15 @@ def local_cluster(replicas: int, port: int, admin_port: int, work_dir: Path,
         wait_healthy(admin_port, replicas, envoy)
         yield envoy, started
     finally:
-        for process in [envoy, *(p for p, _ in started)]:
-            if process is not None and process.poll() is None:
+        processes = [p for p in (envoy, *(p for p, _ in started)) if p is not None]
+        for process in processes:
+            if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in [envoy, *(p for p, _ in started)]:
-            if process is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=30)
-                if process.poll() is None:
-                    process.kill()
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            if process.poll() is None:
+                process.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,8 @@ INTERPOLATIONS = {pb.INTERPOLATION_UNSPECIFIED: "slerp", pb.INTERPOLATION_SLERP:
                   pb.INTERPOLATION_LERP: "lerp"}
 
 
-def _optional(message, name: str) -> float | None:
+def optional(message, name: str) -> float | None:
+    """An optional proto3 field's value, None when unset."""
     return getattr(message, name) if message.HasField(name) else None
 
 
@@ -119,14 +120,14 @@ def sample_spec(request: pb.SampleRequest) -> SampleSpec:
         explicit = tensor_to_array(request.latents, "latents")
         if explicit.dtype != np.float32:
             raise InvalidArgument("latents must be DTYPE_FLOAT32")
-    return SampleSpec(request.count, _optional(request, "seed"), explicit, tuple(request.labels),
-                      _optional(request, "truncation"), _optional(request, "min_score"),
-                      _optional(request, "keep_top"), request.include_scores)
+    return SampleSpec(request.count, optional(request, "seed"), explicit, tuple(request.labels),
+                      optional(request, "truncation"), optional(request, "min_score"),
+                      optional(request, "keep_top"), request.include_scores)
 
 
 def endpoint(point: pb.LatentPoint, what: str) -> Endpoint:
     """One end of a walk; an explicit latent is a float32 vector."""
-    label = _optional(point, "label")
+    label = optional(point, "label")
     kind = point.WhichOneof("point")
     if kind == "latent":
         latent = tensor_to_array(point.latent, f"{what}.latent")

@@ -119,6 +119,12 @@ def _with(inputs: np.ndarray, labels: np.ndarray | None) -> Inputs:
     return inputs if labels is None else (inputs, labels)
 
 
+async def _off_loop_if(heavy: bool, function: Callable, *args):
+    """``function(*args)``, in a worker thread when ``heavy``: other calls must not wait on the
+    event loop (a truncated latent row takes up to a millisecond of redraws at small thresholds)."""
+    return await asyncio.to_thread(function, *args) if heavy else function(*args)
+
+
 def _first_non_finite(outputs: np.ndarray) -> int | None:
     """Index of the first item of a batch with a NaN or infinite value, if any."""
     bad = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
@@ -245,6 +251,10 @@ class InferenceService:
             return SamplePlan(spec, spec.count, seed, None, None, stream, self._guided_label(manifest, spec.labels))
         z, drawn = stream.take(spec.count)
         return SamplePlan(spec, spec.count, seed, z, self.labels_for(manifest, spec.count, spec.labels, drawn))
+
+    async def draw_plan(self, manifest: Manifest, spec: SampleSpec) -> SamplePlan:
+        """:meth:`plan` off the event loop when its latents are truncated."""
+        return await _off_loop_if(spec.truncation is not None, self.plan, manifest, spec)
 
     @staticmethod
     def _check_truncation(truncation: float | None) -> None:
@@ -418,6 +428,12 @@ class InferenceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         return path, None if label_a is None else np.full(steps, label_a, dtype=np.int64)
+
+    async def draw_walk(self, manifest: Manifest, start: Endpoint, end: Endpoint, steps: int, method: str,
+                        truncation: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`walk_latents` off the event loop when its ends are truncated."""
+        return await _off_loop_if(truncation is not None, self.walk_latents, manifest, start, end, steps, method,
+                                  truncation)
 
     def _endpoint(self, manifest: Manifest, point: Endpoint, truncation: float | None,
                   name: str) -> tuple[np.ndarray, int | None]:

@@ -78,12 +78,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         name = model or store.default_model
         return name if name in store.models() else UNKNOWN_MODEL
 
-    @staticmethod
-    async def _draw(truncated: bool, function, *args):
-        """``function(*args)``, in a worker thread for truncated latents: redrawing takes up to a
-        millisecond per sample at small thresholds, and other calls must not wait on the loop."""
-        return await asyncio.to_thread(function, *args) if truncated else function(*args)
-
     def _response(self, result: SampleResult, encoding: int, offset: int) -> pb.SampleResponse:
         response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version,
                                      seed=result.seed, offset=offset, provider=result.provider)
@@ -113,8 +107,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._rpc("Sample", request.model, context):
             with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
                 encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
-                spec = codec.sample_spec(request)
-                plan = await self._draw(spec.truncation is not None, self.service.plan, loaded.manifest, spec)
+                plan = await self.service.draw_plan(loaded.manifest, codec.sample_spec(request))
                 self._check_size(loaded, plan.count, encoding, "use SampleStream or a smaller count")
                 [(_, result)] = [part async for part in self.service.results(loaded, plan, [(0, plan.count)],
                                                                              call_of(context))]
@@ -126,8 +119,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._rpc("SampleStream", sample.model, context):
             with self.service.admitted(), self.service.use(sample.model, sample.version) as loaded:
                 encoding = codec.resolve_encoding(sample.encoding, loaded.manifest)
-                spec = codec.sample_spec(sample)
-                plan = await self._draw(spec.truncation is not None, self.service.plan, loaded.manifest, spec)
+                plan = await self.service.draw_plan(loaded.manifest, codec.sample_spec(sample))
                 chunks = self.service.chunks(plan.count, request.chunk_size)
                 self._check_size(loaded, chunks[0][1], encoding, "use a smaller chunk_size")
                 async for offset, result in self.service.results(loaded, plan, chunks, call_of(context)):
@@ -137,11 +129,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._rpc("Walk", request.model, context):
             with self.service.admitted(), self.service.use(request.model, request.version) as loaded:
                 encoding = codec.resolve_encoding(request.encoding, loaded.manifest)
-                truncation = request.truncation if request.HasField("truncation") else None
-                z, labels = await self._draw(
-                    truncation is not None, self.service.walk_latents, loaded.manifest,
-                    codec.endpoint(request.start, "start"), codec.endpoint(request.end, "end"), request.steps,
-                    codec.interpolation(request.interpolation), truncation)
+                z, labels = await self.service.draw_walk(
+                    loaded.manifest, codec.endpoint(request.start, "start"), codec.endpoint(request.end, "end"),
+                    request.steps, codec.interpolation(request.interpolation), codec.optional(request, "truncation"))
                 self._check_size(loaded, len(z), encoding, "ask for fewer steps")
                 result = await self.service.sample(loaded, z, 0, request.include_scores, call_of(context), labels)
                 return pb.WalkResponse(frames=await self._encoded(result, encoding, 0))

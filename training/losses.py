@@ -55,11 +55,12 @@ def interpolation_shape(batch: torch.Tensor, rows: int | None = None) -> tuple[i
 
 
 def gradient_penalty(discriminator: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+                     alpha: torch.Tensor | None = None) -> torch.Tensor:
     """Gulrajani et al. 2017: E[(||grad D(x_hat)|| - 1)^2] on random interpolates x_hat
-    (``alpha``: the mixing weights, [N, 1, ...]; drawn from ``generator`` when not given)."""
+    (``alpha``: the mixing weights, [N, 1, ...]; the trainer draws them from its own stream,
+    otherwise torch's global one)."""
     if alpha is None:
-        alpha = torch.rand(interpolation_shape(real), generator=generator, device=real.device, dtype=real.dtype)
+        alpha = torch.rand(interpolation_shape(real), device=real.device, dtype=real.dtype)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(mixed).sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
