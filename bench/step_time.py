@@ -32,6 +32,8 @@ VARIANTS = {
     "torch.compile(G), torch.compile(D)": ({}, "compile"),
     "ngf = ndf = 48": ({"model": {"ngf": 48, "ndf": 48}}, None),
     "ngf = ndf = 32": ({"model": {"ngf": 32, "ndf": 32}}, None),
+    "D without extra layers": ({"model": {"d_extra_layers": 0}}, None),
+    "batch 64 (per image)": ({"optim": {"batch_size": 64}}, None),
 }
 
 
