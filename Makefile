@@ -51,7 +51,7 @@ bench: setup
 	$(PY) bench/train_throughput.py --data-dir $(MNIST)
 	$(PY) bench/serve_throughput.py --repository exported
 	$(PY) bench/quality.py --data-dir $(MNIST) --epochs 5
-	$(PY) bench/quality.py --data-dir $(MNIST) --conditional exported/mnist-cond/1/generator.onnx
+	$(PY) bench/quality.py --data-dir $(MNIST) --conditional exported/mnist-cond/2/generator.onnx
 	$(PY) bench/latent_controls.py --data-dir $(MNIST) --model mnist-dcgan
 	$(PY) bench/cluster_overhead.py --repository exported --model mnist-dcgan
 	$(PY) bench/drain_through_envoy.py --repository exported --model mnist-dcgan

@@ -33,7 +33,7 @@ VARIANTS = {
     "ngf = ndf = 48": ({"model": {"ngf": 48, "ndf": 48}}, None),
     "ngf = ndf = 32": ({"model": {"ngf": 32, "ndf": 32}}, None),
     "D without extra layers": ({"model": {"d_extra_layers": 0}}, None),
-    "batch 64 (per image)": ({"optim": {"batch_size": 64}}, None),
+    "batch 64 (64 images a step)": ({"optim": {"batch_size": 64}}, None),
 }
 
 
