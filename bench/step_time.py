@@ -22,7 +22,6 @@ import torch  # noqa: E402
 
 from bench.common import cpu_model, interleaved, median, save, timed  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.data import build_batches  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 #: name -> (config overrides, how the built trainer is changed)
@@ -39,20 +38,17 @@ VARIANTS = {
 
 def stepper(trainer: Trainer, change: str | None, steps: int):
     """A function that runs ``steps`` training steps on consecutive batches of epoch 0."""
-    memory_format = torch.contiguous_format if change == "contiguous" else trainer.memory_format
     if change == "contiguous":
-        trainer.G.to(memory_format=memory_format)
-        trainer.D.to(memory_format=memory_format)
+        trainer.memory_format = torch.contiguous_format  # the batches follow the networks
+        trainer.G.to(memory_format=trainer.memory_format)
+        trainer.D.to(memory_format=trainer.memory_format)
     if change == "compile":
         trainer.G, trainer.D = torch.compile(trainer.G), torch.compile(trainer.D)
-    batches, state = trainer.batches, {"index": 0}
 
     def run() -> None:
         for _ in range(steps):
-            index = state["index"] % batches.steps_per_epoch
-            real = batches.batch(0, index).to(memory_format=memory_format)
-            trainer.train_step(real, batches.labels(0, index))
-            trainer.step, state["index"] = trainer.step + 1, index + 1
+            trainer.train_step(*trainer.batch_at(trainer.step % trainer.steps_per_epoch))
+            trainer.step += 1
 
     return run
 
@@ -84,14 +80,15 @@ def main() -> None:
             runs[name]()  # warm-up: oneDNN kernels, compilation
         seconds = interleaved({name: (lambda r=run: timed(r)) for name, run in runs.items()}, args.repeats)
         share = convolution_share(runs["preset (channels_last)"]) if args.profile else None
-    preset = median(seconds["preset (channels_last)"])
+    medians = {name: median(values) for name, values in seconds.items()}
+    preset = medians["preset (channels_last)"]
     report: dict = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "steps_per_repeat": args.steps,
                     "repeats": args.repeats, "ms_per_step": {}, "preset_over_variant": {}}
-    for name, values in seconds.items():
-        ms = 1000 * median(values) / args.steps
+    for name, value in medians.items():
+        ms, speed_up = 1000 * value / args.steps, preset / value
         report["ms_per_step"][name] = round(ms, 1)
-        report["preset_over_variant"][name] = round(preset / median(values), 3)
-        print(f"{name:>36}: {ms:7.1f} ms/step  (speed-up over the preset {preset / median(values):.2f}x)")
+        report["preset_over_variant"][name] = round(speed_up, 3)
+        print(f"{name:>36}: {ms:7.1f} ms/step  (speed-up over the preset {speed_up:.2f}x)")
     if share is not None:
         report["convolution_share_of_preset_step"] = round(share, 3)
         print(f"convolutions take {share:.0%} of the preset's step")

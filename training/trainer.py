@@ -368,6 +368,14 @@ class Trainer:
                 remove_stale_temporaries(self.run_dir)
             return self._train(stop)
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's real images (and labels, for a conditional model) of a global step, ready for
+        :meth:`train_step`: the order is a function of the step, which is what makes resume exact."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        real = self._mine(self.batches.batch(epoch, index)).to(self.device, memory_format=self.memory_format)
+        labels = self._mine(self.batches.labels(epoch, index)).to(self.device) if self.classes else None
+        return real, labels
+
     def _train(self, stop: "_StopRequests") -> TrainResult:
         total, spe = self.total_steps, self.steps_per_epoch
         stats: dict[str, float] = {}
@@ -381,12 +389,9 @@ class Trainer:
         self.D.train()
         try:
             while self.step < total:
-                epoch, index = divmod(self.step, spe)
-                real = self._mine(self.batches.batch(epoch, index)).to(self.device, memory_format=self.memory_format)
-                if self.classes:
-                    stats = self.train_step(real, self._mine(self.batches.labels(epoch, index)).to(self.device))
-                else:
-                    stats = self.train_step(real)
+                epoch = self.step // spe
+                real, labels = self.batch_at(self.step)
+                stats = self.train_step(real) if labels is None else self.train_step(real, labels)
                 self._check_finite(stats, epoch)
                 self.step += 1
                 if self.metrics is not None:
