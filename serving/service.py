@@ -131,6 +131,16 @@ def _first_non_finite(outputs: np.ndarray) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+def keep_top_share(keep_top: float) -> Fraction:
+    """keep_top as the .proto defines it: the shortest decimal that rounds to the float32 the client
+    sent (0.7f is 0.699999988...: it reads 0.7, so 7 samples take 10 candidates, not 11), exact.
+
+    Exact, not rounded to a few decimals: a rounded share may become 0 (1e-7) or shift
+    ceil(count / keep_top) by one; numpy prints a float32 as exactly this shortest decimal.
+    """
+    return Fraction(str(np.float32(keep_top)))
+
+
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """P(real) = sigmoid(logit), computed without overflow for large |logit|."""
     return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)
@@ -361,13 +371,12 @@ class InferenceService:
         """Keep the candidates the discriminator finds convincing (the .proto defines which)."""
         spec, limit = plan.spec, self.config.max_candidates
         if spec.keep_top is not None:
-            # keep_top arrives as a float32 (0.7 -> 0.699999988): rounded to 6 decimals and divided
-            # exactly, 7 samples at 0.7 take 10 candidates, not 11
-            drawn = math.ceil(Fraction(plan.count) / Fraction(str(round(spec.keep_top, 6))))
+            share = keep_top_share(spec.keep_top)
+            drawn = math.ceil(plan.count / share)
             if drawn > limit:
-                raise ResourceExhausted(f"keep_top = {round(spec.keep_top, 6)} of {plan.count} samples needs "
-                                        f"{drawn} candidates, over the server's limit of {limit} per request "
-                                        f"(--max-candidates): raise keep_top or ask for fewer")
+                raise ResourceExhausted(f"keep_top = {np.float32(spec.keep_top)} of {plan.count} samples needs {drawn} candidates, "
+                                        f"over the server's limit of {limit} per request (--max-candidates): "
+                                        f"raise keep_top or ask for fewer")
             samples, logits, labels = await self._candidates(loaded, plan, drawn, call)
             kept = np.sort(np.argsort(-logits, kind="stable")[:plan.count])
             return self._guided_result(loaded, plan, drawn, [(kept, samples[kept], logits[kept],

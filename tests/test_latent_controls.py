@@ -190,6 +190,41 @@ def test_the_candidate_limit_answers_how_many_passed(client):
     assert len(client.sample(25, model="plain", seed=1, controls=Controls(keep_top=0.1)).images) == 25
 
 
+@pytest.mark.parametrize("count, keep_top, drawn", [
+    (1, 2**-8, 256),  # exactly the limit: allowed (rounded to 6 decimals it needed 257)
+    (1, 0.0039065, 256),  # ceil(255.98...): rounded first, it read 0.003906 and needed 257
+    (3, 0.75, 4),
+])
+def test_keep_top_draws_ceil_of_count_over_the_float32_as_the_proto_reads_it(client, count, keep_top, drawn):
+    kept = client.sample(count, model="plain", seed=5, controls=Controls(keep_top=keep_top))
+    assert kept.candidates == drawn == _proto_keep_top_candidates(count, keep_top)
+
+
+@pytest.mark.parametrize("keep_top", [1e-7, 5e-7, 1e-30, float(np.finfo(np.float32).smallest_subnormal)])
+def test_a_tiny_keep_top_is_resource_exhausted_not_a_server_fault(client, keep_top):
+    with pytest.raises(ResourceExhaustedError, match=f"over the server's limit of {MAX_CANDIDATES}"):
+        client.sample(1, model="plain", seed=1, controls=Controls(keep_top=keep_top))
+
+
+def _proto_keep_top_candidates(count: int, keep_top: float) -> int:
+    """SampleRequest.keep_top as the .proto words it, written independently: the shortest decimal
+    that rounds to the same float32, then ceil(count / keep_top) exactly."""
+    import decimal
+
+    share = decimal.Decimal(np.format_float_positional(np.float32(keep_top), unique=True))
+    with decimal.localcontext(decimal.Context(prec=200, rounding=decimal.ROUND_CEILING)):
+        return int((decimal.Decimal(count) / share).to_integral_value())
+
+
+@given(count=st.integers(1, 2**20), keep_top=st.floats(0, 1, exclude_min=True, exclude_max=True, width=32))
+def test_the_server_computes_keep_top_candidates_as_the_proto_states(count, keep_top):
+    import math
+
+    from serving.service import keep_top_share
+
+    assert math.ceil(count / keep_top_share(keep_top)) == _proto_keep_top_candidates(count, keep_top)
+
+
 # ---------------------------------------------------------------------------- together
 
 
