@@ -155,11 +155,11 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, ascending (temporary and odd folders are ignored)."""
         folder = self.root / name
-        if not folder.is_dir():
-            raise RepositoryError(f"model {name!r} not found in {self.root}")
         try:
-            return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-        except OSError as exc:
+            return sorted(int(p.name) for p in list(folder.iterdir()) if p.name.isdigit() and p.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            raise RepositoryError(f"model {name!r} not found in {self.root}") from None
+        except OSError as exc:  # EACCES and friends: Path.is_dir() raises them, it answers False only for ENOENT
             raise RepositoryError(f"model {name!r}: folder {folder} cannot be read: {exc.strerror}") from None
 
     def fingerprint(self, name: str, version: int) -> Fingerprint:
@@ -185,13 +185,15 @@ class Repository:
     def default_model(self) -> str:
         """``default_model`` from repository.json, else the only/first model by name."""
         config = self.root / REPOSITORY_CONFIG
-        if config.exists():
-            try:
-                name = json.loads(config.read_bytes())["default_model"]
-            except OSError as exc:
-                raise RepositoryError(f"{config} cannot be read: {exc.strerror}") from None
-            except (ValueError, KeyError, TypeError) as exc:
-                raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc!r})") from None
+        try:
+            name = json.loads(config.read_bytes())["default_model"]
+        except FileNotFoundError:
+            name = None
+        except OSError as exc:
+            raise RepositoryError(f"{config} cannot be read: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc!r})") from None
+        if name is not None:
             if not isinstance(name, str) or not name:
                 raise RepositoryError(f"{config}: default_model must be a model name, got {name!r}")
             return name
@@ -207,15 +209,14 @@ class Repository:
         """Read and validate one version's manifest; with ``verify_files`` check each sha256."""
         where = _where(name, version)
         folder = self.version_dir(name, version)
-        if not folder.is_dir():
-            raise RepositoryError(f"{where} not found in {self.root}")
         try:
             data = json.loads((folder / MANIFEST_NAME).read_bytes().decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} is not UTF-8 text ({exc.reason} at byte "
                                   f"{exc.start})") from None
-        except FileNotFoundError:
-            raise RepositoryError(f"{where}: {MANIFEST_NAME} is missing") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise RepositoryError(f"{where}: {MANIFEST_NAME} is missing" if _exists(folder)
+                                  else f"{where} not found in {self.root}") from None
         except OSError as exc:
             raise RepositoryError(f"{where}: {MANIFEST_NAME} cannot be read: {exc.strerror}") from None
         except ValueError as exc:
@@ -233,9 +234,12 @@ class Repository:
 
     @staticmethod
     def _verify(path: Path, expected: str, where: str) -> None:
-        if not path.is_file():
-            raise RepositoryError(f"{where}: {path.name} is missing")
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise RepositoryError(f"{where}: {path.name} is missing") from None
+        except OSError as exc:
+            raise RepositoryError(f"{where}: {path.name} cannot be read: {exc.strerror}") from None
         if actual != expected:
             raise RepositoryError(f"{where}: {path.name} sha256 is {actual[:12]}..., manifest says "
                                   f"{expected[:12]}... (file changed after publishing)")
@@ -284,6 +288,17 @@ class Repository:
                     raise RepositoryError(f"cannot publish {target}: {exc.strerror}") from None
                 (staging / MANIFEST_NAME).unlink()  # another exporter took this number first
         raise RepositoryError(f"could not publish model {name!r}: 100 version numbers were taken meanwhile")
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that answers True when it cannot tell (EACCES): only a missing path is False."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def remove_stale_staging(model_dir: Path, min_age_s: float = 60.0) -> list[Path]:

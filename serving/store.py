@@ -299,21 +299,17 @@ class ModelStore:
             version = ready[-1]
         state = entry.versions.get(version)
         if state is None or state.loaded is None:
-            if state and state.error:
-                why = f"failed to load: {state.error}"
-            elif version in self._on_disk(entry.name):
-                why = f"is not loaded (version policy {self.config.policy_text(entry.name)})"
-            else:
-                why = "does not exist"
+            why = f"failed to load: {state.error}" if state and state.error else self._why_not_loaded(entry.name, version)
             raise NotFound(f"model {entry.name!r} version {version} {why}; "
                            f"ready versions: {', '.join(map(str, ready)) or 'none'}")
         return state.loaded
 
-    def _on_disk(self, name: str) -> list[int]:
+    def _why_not_loaded(self, name: str, version: int) -> str:
         try:
-            return self.repository.versions(name)
-        except RepositoryError:
-            return []
+            on_disk = version in self.repository.versions(name)
+        except RepositoryError as exc:  # unreadable meanwhile: say so, the loaded versions still serve
+            return f"is not loaded ({exc})"
+        return f"is not loaded (version policy {self.config.policy_text(name)})" if on_disk else "does not exist"
 
     @contextlib.contextmanager
     def use(self, name: str, version: int) -> Iterator[LoadedVersion]:

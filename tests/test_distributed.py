@@ -102,9 +102,9 @@ def test_a_killed_rank_ends_the_job_with_its_error_and_no_corrupt_checkpoint(tmp
 def test_a_two_process_run_resumed_at_two_processes_continues_bit_for_bit(tmp_path):
     settings = {**TINY, "run.epochs": 2, "run.checkpoint_every": 3}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert finished(torchrun(straight, {**settings, "run.max_steps": 10}))[0] == 0
-    assert finished(torchrun(interrupted, {**settings, "run.max_steps": 5}))[0] == 0
-    assert finished(torchrun(interrupted, {**settings, "run.max_steps": 10}))[0] == 0
+    for run_dir, steps in ((straight, 10), (interrupted, 5), (interrupted, 10)):
+        code, output = finished(torchrun(run_dir, {**settings, "run.max_steps": steps}))
+        assert code == 0, output
     a = checkpoint.load(straight / "checkpoint.pt", "cpu")
     b = checkpoint.load(interrupted / "checkpoint.pt", "cpu")
     assert a["step"] == b["step"] == 10

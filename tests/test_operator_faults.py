@@ -18,7 +18,7 @@ import pytest
 
 from dcgan.v1 import inference_pb2 as pb
 from dcgan_core.repository import Repository
-from serving.client import InferenceClient
+from serving.client import InferenceClient, NotFoundError
 from tests.conftest import start_server
 from tests.repo_faults import BROKEN, add_version, finish_copy, missing_networks, repair
 
@@ -203,6 +203,9 @@ def test_unreadable_version_and_repository_folders(serving_repo, tmp_path):
             assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "cannot be read: Permission denied" in failure.value.details()
             assert client.sample(1, seed=1).version == 1
+            assert client.sample(1, seed=1, version=1).version == 1
+            with pytest.raises(NotFoundError, match="version 999 is not loaded .*Permission denied"):
+                client.sample(1, seed=1, version=999)  # was INTERNAL: Path.is_dir() raised EACCES
             repository.root.chmod(0o755)
             repository.version_dir("tiny", version).chmod(0o755)
             client.stub.ReloadModels(pb.ReloadModelsRequest())
