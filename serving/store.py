@@ -67,6 +67,7 @@ class LoadedVersion:
             self.close()
 
     def close(self) -> None:
+        """Stop both batchers: returns once no batch of this version runs (its sessions may go)."""
         self.generator.stop()
         self.discriminator.stop()
 
@@ -326,10 +327,14 @@ class ModelStore:
             loaded.release()
 
     def close(self) -> None:
+        """Shutdown: stop every loaded version now, even one a call still holds (the calls were
+        drained or aborted), and return only once no batch runs. A batch left running inside
+        onnxruntime while the interpreter exits aborts the process (SIGABRT instead of exit 0)."""
         for entry in self.models().values():
             for state in entry.versions.values():
                 if state.loaded:
                     state.loaded.retire()
+                    state.loaded.close()
 
 
 class RepositoryWatcher:

@@ -1,11 +1,11 @@
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 import numpy as np
 import pytest
 
-from serving.batcher import DynamicBatcher, Expired, QueueFull
+from serving.batcher import DynamicBatcher, Expired, QueueFull, Stopped
 
 
 class Recorder:
@@ -16,6 +16,7 @@ class Recorder:
 
     def __init__(self):
         self.sizes: list[int] = []
+        self.batches: list[np.ndarray] = []
         self.entered = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
@@ -24,6 +25,7 @@ class Recorder:
         self.entered.set()
         assert self.gate.wait(10), "gate never opened"
         self.sizes.append(len(batch))
+        self.batches.append(batch.copy())
         return batch * 2
 
     def hold(self, batcher: DynamicBatcher) -> "Future":
@@ -49,15 +51,49 @@ def test_concurrent_requests_are_merged_and_split_back():
         assert result.shape == (n, 3) and np.all(result == 2 * i)
 
 
-def test_queued_requests_merge_up_to_max_batch_size_and_big_requests_run_whole():
+def test_queued_requests_merge_up_to_max_batch_size_and_get_their_own_rows_back():
     run = Recorder()
     batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0.0)
     first = run.hold(batcher)
-    futures = [batcher.submit(np.zeros((n, 1), np.float32)) for n in [1, 2, 9]]
+    sizes = [1, 2, 9]
+    futures = [batcher.submit(np.arange(n, dtype=np.float32)[:, None] + 100 * i) for i, n in enumerate(sizes)]
     run.gate.set()
-    [f.result(5) for f in [first, *futures]]
+    first.result(5)
+    for i, (n, future) in enumerate(zip(sizes, futures)):
+        np.testing.assert_array_equal(future.result(5), 2 * (np.arange(n)[:, None] + 100 * i))
     batcher.stop()
-    assert run.sizes == [1, 3, 9]  # 1 and 2 merged (3 <= 4); 9 alone, uncut
+    assert run.sizes == [1, 3, 4, 4, 1]  # 1 and 2 merged; 9 a batch at a time
+
+
+def test_a_large_request_waits_behind_at_most_one_batch_of_another():
+    """A request larger than a batch runs a batch at a time and then lets the queue move: a small
+    request sent after it waits for one batch of it, not for all of it (guided sampling sends
+    rounds of thousands of candidates)."""
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0.0)
+    blocker = run.hold(batcher)
+    large = batcher.submit(np.arange(40, dtype=np.float32)[:, None])
+    small = batcher.submit(np.full((1, 1), -1, np.float32))
+    run.gate.set()
+    blocker.result(5)
+    np.testing.assert_array_equal(large.result(5), 2 * np.arange(40)[:, None])
+    assert small.result(5).tolist() == [[-2.0]]
+    batcher.stop()
+    assert max(run.sizes) <= 4
+    small_batch = next(i for i, batch in enumerate(run.batches) if -1 in batch)
+    assert sum(run.sizes[1:small_batch]) <= 4  # after the held one, one batch of the large request at most
+
+
+def test_two_large_requests_take_turns():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0.0)
+    blocker = run.hold(batcher)
+    first, second = (batcher.submit(np.full((12, 1), value, np.float32)) for value in (1, 2))
+    run.gate.set()
+    blocker.result(5)
+    assert first.result(5).tolist() == [[2.0]] * 12 and second.result(5).tolist() == [[4.0]] * 12
+    batcher.stop()
+    assert [sorted(set(batch.ravel().tolist())) for batch in run.batches[1:]] == [[1.0], [2.0]] * 3
 
 
 def test_batching_disabled_runs_each_request_alone():
@@ -82,26 +118,25 @@ def test_full_queue_is_refused_at_once():
     batcher.stop()
 
 
-def test_pieces_of_a_cut_request_never_overfill_the_queue():
+def test_a_large_request_takes_one_place_in_the_queue():
     run = Recorder()
-    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, max_queue=3, min_piece=4)
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0, max_queue=2)
     blocker = run.hold(batcher)
     small = batcher.submit(np.zeros((1, 1), np.float32))
-    batcher.workers = 4  # a request of 64 would be cut in four: only two places are free
     big = batcher.submit(np.arange(64, dtype=np.float32).reshape(64, 1))
-    assert batcher.depth() == 3
+    assert batcher.depth() == 2
     with pytest.raises(QueueFull):
         batcher.submit(np.zeros((1, 1), np.float32))
     run.gate.set()
     np.testing.assert_array_equal(big.result(5), np.arange(64, dtype=np.float32).reshape(64, 1) * 2)
     blocker.result(5), small.result(5)
     batcher.stop()
-    assert sorted(run.sizes) == [1, 1, 32, 32]
+    assert sum(run.sizes) == 66 and max(run.sizes) == 4
 
 
 def test_expired_and_cancelled_requests_cost_no_compute():
     run = Recorder()
-    batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0)
+    batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay_s=0, enabled=False)
     blocker = run.hold(batcher)
     late = batcher.submit(np.zeros((5, 1), np.float32), deadline=time.monotonic() - 1)  # passed while queued
     gone = batcher.submit(np.zeros((6, 1), np.float32), is_active=lambda: False)
@@ -118,7 +153,7 @@ def test_expired_and_cancelled_requests_cost_no_compute():
 
 def test_a_future_cancelled_while_queued_does_not_stop_the_worker():
     run = Recorder()
-    batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay_s=0)
+    batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay_s=0, enabled=False)
     blocker = run.hold(batcher)
     abandoned = batcher.submit(np.zeros((2, 1), np.float32))
     assert abandoned.cancel()  # what the service does when its caller's deadline passes first
@@ -162,16 +197,16 @@ def test_many_threads_each_get_their_own_rows():
         assert result.shape == (1 + i % 3, 2) and np.all(result == i + 0.5)
 
 
-def test_a_large_request_is_cut_into_one_piece_per_worker_and_joined_in_order():
+def test_the_batches_of_a_large_request_run_side_by_side_and_join_in_order():
     seen: list[tuple[int, str]] = []
-    both_running = threading.Barrier(2, timeout=5)  # passes only if the two pieces run at once
+    both_running = threading.Barrier(2, timeout=5)  # passes only if two batches run at once
 
     def run(batch: np.ndarray) -> np.ndarray:
         seen.append((len(batch), threading.current_thread().name))
         both_running.wait()
         return batch * 2
 
-    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, workers=2, min_piece=16)
+    batcher = DynamicBatcher(run, max_batch_size=25, max_queue_delay_s=0, workers=2)
     inputs = np.arange(100, dtype=np.float32).reshape(50, 2)
     result = batcher.submit(inputs).result(5)
     batcher.stop()
@@ -180,9 +215,9 @@ def test_a_large_request_is_cut_into_one_piece_per_worker_and_joined_in_order():
     assert len({name for _, name in seen}) == 2
 
 
-def test_small_requests_are_not_cut_and_several_workers_keep_results_apart():
+def test_several_workers_keep_results_apart():
     run = Recorder()
-    batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay_s=0.001, workers=3, min_piece=16)
+    batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay_s=0.001, workers=3)
     results: dict[int, np.ndarray] = {}
 
     def client(i: int) -> None:
@@ -199,28 +234,53 @@ def test_small_requests_are_not_cut_and_several_workers_keep_results_apart():
     assert sum(run.sizes) == sum(1 + i % 20 for i in range(60))
 
 
-def test_a_failing_piece_fails_the_whole_request_and_cancelling_drops_queued_pieces():
+def test_a_failing_batch_fails_the_whole_request_and_cancelling_drops_its_queued_rows():
     def run(batch: np.ndarray) -> np.ndarray:
         if batch[0, 0] >= 0:
-            raise RuntimeError("piece failed")
+            raise RuntimeError("batch failed")
         return batch
 
-    batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0, workers=2, min_piece=4)
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0, workers=2)
     inputs = np.concatenate([-np.ones((4, 1)), np.ones((4, 1))]).astype(np.float32)
-    with pytest.raises(RuntimeError, match="piece failed"):
+    with pytest.raises(RuntimeError, match="batch failed"):
         batcher.submit(inputs).result(5)
     batcher.stop()
 
     gated = Recorder()
-    batcher = DynamicBatcher(gated, max_batch_size=1, max_queue_delay_s=0, workers=1, min_piece=4)
-    blocker = gated.hold(batcher)
-    batcher.workers = 2  # cut the next request in two, though one worker runs them
-    split = batcher.submit(np.zeros((8, 1), np.float32))
-    assert split.cancel()
+    batcher = DynamicBatcher(gated, max_batch_size=4, max_queue_delay_s=0, workers=1)
+    gated.gate.clear()
+    started = batcher.submit(np.zeros((8, 1), np.float32))  # its first 4 rows run, 4 wait
+    assert gated.entered.wait(10)
+    assert started.cancel()
     gated.gate.set()
-    blocker.result(5)
+    with pytest.raises(CancelledError):
+        started.result(5)
+    assert batcher.submit(np.ones((1, 1), np.float32)).result(5).tolist() == [[2.0]]
     batcher.stop()
-    assert gated.sizes == [1]  # neither piece of the cancelled request ran
+    assert gated.sizes == [4, 1]  # the cancelled request's other rows never ran
+
+
+def test_stop_fails_what_is_queued_and_returns_only_after_the_running_batch():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0)
+    running = run.hold(batcher)
+    queued = batcher.submit(np.zeros((1, 1), np.float32))
+    stopped = threading.Event()
+
+    def stop() -> None:
+        batcher.stop()
+        stopped.set()
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    with pytest.raises(Stopped):
+        queued.result(5)  # failed at once: nobody waits for work after shutdown
+    assert not stopped.is_set()  # the batch still runs: the network must not be released yet
+    run.gate.set()
+    stopper.join(10)
+    assert stopped.is_set() and running.result(0).tolist() == [[0.0]]
+    with pytest.raises(Stopped):
+        batcher.submit(np.zeros((1, 1), np.float32))
 
 
 def test_execution_plan_and_its_settings():
