@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,10 +167,33 @@ def wait_healthy(admin_port: int, replicas: int, envoy: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _terminated_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` under which the child gets SIGTERM when this process dies, however it dies
+    (kill -9 included; Linux's PR_SET_PDEATHSIG), so replicas and Envoy never outlive the process
+    that started them, holding its ports. None elsewhere. The signal follows the *thread* that
+    started the child: start children from a thread that lives as long as they should (the main one).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return in_child
+
+
 def start_replica(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """A ``dcgan-serve`` process on a free port; returns it once it listens, with the port."""
     process = subprocess.Popen([sys.executable, "-m", "serving.server", "--port", "0", "--host", "127.0.0.1",
-                                *args], stdout=subprocess.PIPE, text=True, env=env)
+                                *args], stdout=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=_terminated_with_parent())
     for line in process.stdout:
         if line.startswith("dcgan-serve: listening on port "):
             threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
@@ -181,7 +206,7 @@ def start_envoy(config: dict, config_path: Path, log_path: Path) -> subprocess.P
     envoy = Path(sys.executable).with_name("envoy")
     with log_path.open("ab") as log_file:
         return subprocess.Popen([str(envoy), "-c", str(config_path), "--log-level", "warn", "--disable-hot-restart"],
-                                stdout=log_file, stderr=log_file)
+                                stdout=log_file, stderr=log_file, preexec_fn=_terminated_with_parent())
 
 
 @contextlib.contextmanager
@@ -224,20 +249,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 1:
         parser.error("--replicas must be >= 1")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
+    stop, hangup = threading.Event(), threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())  # (also what a closed terminal sends)
     serve_args = [a for a in args.serve_args if a != "--"]
     with local_cluster(args.replicas, args.port, args.admin_port, args.work_dir, serve_args) as (envoy, replicas):
         ports = ", ".join(str(p) for _, p in replicas)
         print(f"dcgan-cluster: Envoy on port {args.port} in front of {args.replicas} replicas (ports {ports}); "
-              f"Ctrl-C stops them all", flush=True)
+              f"Ctrl-C stops them all, SIGHUP makes every replica rescan its repository", flush=True)
         while not stop.wait(0.5):
+            if hangup.is_set():
+                hangup.clear()
+                _reload(replicas)
             if envoy.poll() is not None:
                 print(f"dcgan-cluster: envoy exited with status {envoy.returncode}; see "
                       f"{args.work_dir / 'envoy.log'}", file=sys.stderr)
                 return 1
     return 0
+
+
+def _reload(replicas: list[tuple[subprocess.Popen, int]]) -> None:
+    """SIGHUP to every replica still running: each rescans its repository (dcgan-serve's SIGHUP)."""
+    for process, _ in replicas:
+        if process.poll() is None:
+            process.send_signal(signal.SIGHUP)
+    print(f"dcgan-cluster: SIGHUP: {len(replicas)} replicas rescan their repository", flush=True)
 
 
 if __name__ == "__main__":

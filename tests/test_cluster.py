@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -168,6 +169,54 @@ def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(rep
             process.send_signal(signal.SIGTERM)
         for process, _ in started:
             process.wait(timeout=30)
+
+
+def _cluster_process(repository: Repository, work_dir: Path) -> tuple[subprocess.Popen, int]:
+    """``dcgan-cluster --replicas 1`` as an operator starts it; returns once Envoy routes to it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cluster", "--replicas", "1", "--port", str(port),
+                             "--admin-port", str(free_port()), "--work-dir", str(work_dir), "--",
+                             "--repository", str(repository.root), "--poll-s", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "dcgan-cluster: Envoy on port" not in line:
+        proc.kill()
+        pytest.fail(f"dcgan-cluster did not start: {line!r}")
+    return proc, port
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an orphan's zombie may wait for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sighup_makes_every_replica_rescan_and_the_cluster_keeps_running(repository, tmp_path):
+    proc, port = _cluster_process(repository, tmp_path / "cluster")
+    try:
+        with InferenceClient(f"127.0.0.1:{port}") as client:
+            assert client.sample(1, model="tiny", seed=1).version == 1
+            add_version(repository, "tiny")
+            proc.send_signal(signal.SIGHUP)  # what a closed terminal sends; it killed the cluster, not its children
+            assert wait_for(lambda: client.get_model("tiny").latest_version == 2)
+            assert client.sample(1, model="tiny", seed=1).version == 2
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_a_killed_cluster_takes_its_replicas_and_envoy_with_it(repository, tmp_path):
+    proc, port = _cluster_process(repository, tmp_path / "cluster")
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert len(children) == 2  # the replica and Envoy
+    proc.kill()
+    proc.wait(timeout=30)
+    assert wait_for(lambda: not any(_running(pid) for pid in children))
 
 
 def test_several_targets_must_be_addresses():
