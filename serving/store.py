@@ -145,6 +145,7 @@ class ModelStore:
         self._lock = threading.Lock()  # guards _models and _model_locks (readers take snapshots)
         self._model_locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ModelEntry] = {}
+        self._closed = False  # after close(), a rescan still running publishes nothing
         self.default_model = ""
         self._scanned = threading.Condition()  # notified after every rescan, for wait_until
 
@@ -237,6 +238,12 @@ class ModelStore:
         """Swap in the new entry, then retire loaded versions it no longer holds (each closes once
         its in-flight calls finish); True if anything changed."""
         with self._lock:
+            if self._closed:  # shutting down: what this scan loaded is stopped, never served
+                kept = {id(e.loaded) for e in previous.versions.values()}
+                for state in entry.versions.values() if entry else ():
+                    if state.loaded and id(state.loaded) not in kept:
+                        state.loaded.retire()
+                return False
             if entry is None:
                 self._models.pop(name, None)
             else:
@@ -330,6 +337,8 @@ class ModelStore:
         """Shutdown: stop every loaded version now, even one a call still holds (the calls were
         drained or aborted), and return only once no batch runs. A batch left running inside
         onnxruntime while the interpreter exits aborts the process (SIGABRT instead of exit 0)."""
+        with self._lock:
+            self._closed = True
         for entry in self.models().values():
             for state in entry.versions.values():
                 if state.loaded:

@@ -115,3 +115,19 @@ def test_reload_rpc_and_removed_versions(live, tiny_run):
         assert client.sample(1, seed=1).version == 1  # back to what is on disk
         health = health_pb2_grpc.HealthStub(client.channel)
         assert health.Check(health_pb2.HealthCheckRequest(service="tiny")).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_rescan_that_ends_after_shutdown_serves_nothing_new(tiny_run, tmp_path):
+    """A SIGHUP or ReloadModels rescan still loading when the server closes its store must not
+    publish what it loaded: its batchers would outlive the shutdown."""
+    from serving.config import ServeConfig
+    from serving.store import ModelStore
+
+    repository = Repository(tmp_path / "repo")
+    export_run(tiny_run, repository, "tiny")
+    store = ModelStore(repository, ServeConfig(repository=str(repository.root), version_policy="all").validate())
+    store.load()
+    store.close()
+    export_run(tiny_run, repository, "tiny")
+    assert store.rescan() is False
+    assert store.models()["tiny"].ready() == [1]
