@@ -38,7 +38,7 @@ from training import metrics, reporting  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import build_batches, toy_mixture  # noqa: E402
 from training.evaluate import load_samples  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.gan_step import gan_run  # noqa: E402
 
 
 TOY_HELD_OUT_SEED = 10_000  # the in-training evaluations draw their latents from the run's seed
@@ -112,7 +112,7 @@ def main() -> None:
         config = load_config("mnist", overrides=[{"data": {"path": args.data_dir},
                                                   "run": {"run_dir": run_dir, "epochs": args.epochs}}])
         start = time.perf_counter()
-        Trainer(config).train()
+        gan_run(config).train()
         report["project_train_s"] = time.perf_counter() - start
         project_samples = load_samples(Path(run_dir), args.samples, 0).values
     report["project"] = summarize(metrics.evaluate_images(project_samples, reference_metrics))
@@ -130,7 +130,7 @@ def main() -> None:
     for seed in range(args.toy_seeds):
         with tempfile.TemporaryDirectory() as run_dir:
             config = load_config("ring", overrides=[{"run": {"run_dir": run_dir, "seed": seed, "progress": False}}])
-            Trainer(config).train()
+            gan_run(config).train()
             # what would be exported (best.pt when the preset evaluates in training), scored on
             # latents other than the ones that picked it
             points = load_samples(Path(run_dir), 10000, TOY_HELD_OUT_SEED + seed,

@@ -1,7 +1,7 @@
 """Where a training step's time goes, and what makes it shorter on this CPU.
 
 Times one mnist-cond training step (D update and G update, batch 32, fp32 unless the preset's
-precision says otherwise) of the project's Trainer under variants that keep the recipe (memory
+precision says otherwise) of the project's GAN step under variants that keep the recipe (memory
 format, torch.compile) or change the networks' widths. Every variant is built fresh, warmed up,
 then the variants alternate over the repeats so drift hits all alike. Prints median ms per
 step and the ratio to the preset; with --profile, also the convolutions' share of the preset's
@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from bench.common import cpu_model, interleaved, median, save, timed  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.gan_step import gan_run  # noqa: E402
+from training.run_loop import RunLoop  # noqa: E402
 
 #: name -> (config overrides, how the built trainer is changed)
 VARIANTS = {
@@ -36,18 +37,20 @@ VARIANTS = {
 }
 
 
-def stepper(trainer: Trainer, change: str | None, steps: int):
+def stepper(trainer: RunLoop, change: str | None, steps: int):
     """A function that runs ``steps`` training steps on consecutive batches of epoch 0."""
+    gan = trainer.model
     if change == "contiguous":
-        trainer.memory_format = torch.contiguous_format  # the batches follow the networks
-        trainer.G.to(memory_format=trainer.memory_format)
-        trainer.D.to(memory_format=trainer.memory_format)
+        gan.memory_format = torch.contiguous_format  # the batches follow the networks
+        gan.G.to(memory_format=gan.memory_format)
+        gan.D.to(memory_format=gan.memory_format)
     if change == "compile":
-        trainer.G, trainer.D = torch.compile(trainer.G), torch.compile(trainer.D)
+        gan.G, gan.D = torch.compile(gan.G), torch.compile(gan.D)
 
     def run() -> None:
         for _ in range(steps):
-            trainer.train_step(*trainer.batch_at(trainer.step % trainer.steps_per_epoch))
+            gan.train_step(*trainer.batch_at(trainer.step % trainer.steps_per_epoch), trainer.step,
+                           trainer.progress())
             trainer.step += 1
 
     return run
@@ -76,7 +79,7 @@ def main() -> None:
         for number, (name, (overrides, change)) in enumerate(VARIANTS.items()):
             config = load_config("mnist-cond", overrides=[{"data": {"path": args.data_dir}, "run": {
                 "run_dir": f"{scratch}/{number}", "progress": False, "epochs": 1000}}, overrides])
-            runs[name] = stepper(Trainer(config), change, args.steps)
+            runs[name] = stepper(gan_run(config), change, args.steps)
             runs[name]()  # warm-up: oneDNN kernels, compilation
         seconds = interleaved({name: (lambda r=run: timed(r)) for name, run in runs.items()}, args.repeats)
         share = convolution_share(runs["preset (channels_last)"]) if args.profile else None

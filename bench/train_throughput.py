@@ -1,4 +1,4 @@
-"""Training throughput: the project's Trainer against a plain pytorch/examples-style loop.
+"""Training throughput: the project's run loop against a plain pytorch/examples-style loop.
 
 Both train the same architecture (the MNIST preset's G and D) on the same in-memory MNIST
 batches; repeats alternate between them and the report gives medians and the ratio
@@ -19,7 +19,7 @@ from bench.common import interleaved, median, save, timed  # noqa: E402
 from bench.reference import ReferenceDCGAN  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import build_batches  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.gan_step import gan_run  # noqa: E402
 
 
 def reference_loop(config, batches, steps: int):
@@ -36,11 +36,10 @@ def reference_loop(config, batches, steps: int):
 
 
 def project_trainer(config, batches, steps: int):
-    trainer = Trainer(config, batches=batches)
+    trainer = gan_run(config, batches=batches)
 
     def run() -> None:
-        trainer.config.run.max_steps = trainer.step + steps
-        trainer.train()
+        trainer.train(max_steps=trainer.step + steps)
 
     return run
 

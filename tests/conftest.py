@@ -36,19 +36,19 @@ def tiny_config(run_dir: Path, **sections) -> TrainConfig:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished 2-step run of a tiny 28x28 DCGAN (checkpoint with EMA)."""
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    Trainer(tiny_config(run_dir, run={"max_steps": 2})).train()
+    gan_run(tiny_config(run_dir, run={"max_steps": 2})).train()
     return run_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_toy_run(tmp_path_factory) -> Path:
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
     run_dir = tmp_path_factory.mktemp("tiny-toy-run")
-    Trainer(tiny_config(run_dir, data={"dataset": "ring", "toy_epoch_samples": 64},
+    gan_run(tiny_config(run_dir, data={"dataset": "ring", "toy_epoch_samples": 64},
                         model={"toy_hidden": 16, "toy_layers": 2}, run={"max_steps": 2})).train()
     return run_dir
 
@@ -78,10 +78,10 @@ def conditional_repo(tmp_path_factory, tiny_run):
     """A repository with a tiny 3-class conditional model ``cond`` and the unconditional ``plain``."""
     from dcgan_core.repository import Repository
     from training.export import export_run
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
     run = tmp_path_factory.mktemp("cond-run")
-    Trainer(tiny_config(run, model={"num_classes": 3}, run={"max_steps": 3})).train()
+    gan_run(tiny_config(run, model={"num_classes": 3}, run={"max_steps": 3})).train()
     repository = Repository(tmp_path_factory.mktemp("cond-repo"))
     export_run(run, repository, "cond")
     export_run(tiny_run, repository, "plain")

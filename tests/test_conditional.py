@@ -14,7 +14,7 @@ from training.config import ConfigError, load_config
 from training.data import DataError, build_batches
 from training.metrics import class_consistency
 from training.models import Discriminator, Generator
-from training.trainer import Trainer
+from training.gan_step import gan_run
 from tests.conftest import tiny_config
 
 
@@ -36,31 +36,31 @@ def test_the_label_changes_what_g_makes_and_how_d_scores():
 def test_conditional_training_steps_with_every_loss(tmp_path, loss, spectral):
     config = conditional(tmp_path, loss={"name": loss}, model={"spectral_norm": spectral},
                          run={"max_steps": 3})
-    result = Trainer(config).train()
+    result = gan_run(config).train()
     assert result.step == 3 and all(np.isfinite(v) for k, v in result.last_metrics.items() if k != "loss_g")
     saved = checkpoint.load(tmp_path / "checkpoint.pt")
-    assert saved["config"]["model"]["class_names"] == ["0", "1", "2"]
+    assert saved.config["model"]["class_names"] == ["0", "1", "2"]
 
 
 def test_a_conditional_run_resumes_exactly(tmp_path):
-    Trainer(conditional(tmp_path / "a", run={"max_steps": 5})).train()
-    Trainer(conditional(tmp_path / "a")).train()
-    Trainer(conditional(tmp_path / "b")).train()
+    gan_run(conditional(tmp_path / "a", run={"max_steps": 5})).train()
+    gan_run(conditional(tmp_path / "a")).train()
+    gan_run(conditional(tmp_path / "b")).train()
     a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("a", "b"))
-    assert a["step"] == b["step"] == 16
-    for key, tensor in b["generator"].items():
-        assert torch.equal(a["generator"][key], tensor), key
+    assert a.step == b.step == 16
+    for key, tensor in b.model["generator"].items():
+        assert torch.equal(a.model["generator"][key], tensor), key
 
 
 def test_fake_labels_follow_the_class_frequencies(tmp_path):
-    trainer = Trainer(conditional(tmp_path, classes=4))
+    trainer = gan_run(conditional(tmp_path, classes=4))
     trainer.batches.class_labels = torch.full_like(trainer.batches.class_labels, 2)
-    trainer.fake_label_weights = trainer.batches.class_frequencies()
-    assert torch.equal(trainer._fake_labels(50), torch.full((50,), 2))
+    trainer.model.fake_label_weights = trainer.batches.class_frequencies()
+    assert torch.equal(trainer.model._fake_labels(50), torch.full((50,), 2))
 
 
 def test_the_fixed_grid_has_one_labelled_row_per_class(tmp_path):
-    Trainer(conditional(tmp_path, classes=3, run={"max_steps": 8, "sample_count": 12})).train()
+    gan_run(conditional(tmp_path, classes=3, run={"max_steps": 8, "sample_count": 12})).train()
     with Image.open(tmp_path / "samples" / "latest.png") as grid:
         height, width = grid.height, grid.width
     assert height == 2 + 3 * (28 + 2)  # three rows of 28-pixel images
@@ -122,7 +122,7 @@ def test_a_conditional_run_exports_with_labels_and_loads_in_the_server(tmp_path)
     from training.export import export_run, load_run
     from tests.conftest import start_server
 
-    Trainer(conditional(tmp_path / "run", run={"max_steps": 3})).train()
+    gan_run(conditional(tmp_path / "run", run={"max_steps": 3})).train()
     repository = Repository(tmp_path / "repo")
     manifest = export_run(tmp_path / "run", repository, "cond")
     assert (manifest.num_classes, manifest.class_names) == (3, ["0", "1", "2"])
@@ -144,7 +144,7 @@ def test_a_conditional_run_exports_with_labels_and_loads_in_the_server(tmp_path)
 def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnist_dir):
     from training.evaluate import evaluate, load_samples
 
-    Trainer(conditional(tmp_path / "run", classes=10, run={"max_steps": 2})).train()
+    gan_run(conditional(tmp_path / "run", classes=10, run={"max_steps": 2})).train()
     samples = load_samples(tmp_path / "run", 200, seed=0)
     assert samples.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     result = evaluate(samples, mnist_dir, ["consistency", "fd"], floor=True, progress=False)
@@ -158,12 +158,19 @@ def test_conditional_batchnorm_generator_trains_resumes_and_exports(tmp_path):
     from training.export import export_run
 
     config = lambda d, **run: conditional(tmp_path / d, model={"g_conditioning": "cbn"}, run=run)  # noqa: E731
-    Trainer(config("a", max_steps=5)).train()
-    Trainer(config("a")).train()
-    Trainer(config("b")).train()
+    gan_run(config("a", max_steps=5)).train()
+    gan_run(config("a")).train()
+    gan_run(config("b")).train()
     a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("a", "b"))
-    assert any("gain" in key for key in a["generator"])
-    for key, tensor in b["generator"].items():
-        assert torch.equal(a["generator"][key], tensor), key
+    assert any("gain" in key for key in a.model["generator"])
+    for key, tensor in b.model["generator"].items():
+        assert torch.equal(a.model["generator"][key], tensor), key
     manifest = export_run(tmp_path / "a", Repository(tmp_path / "repo"), "cbn")  # parity checked inside
     assert manifest.num_classes == 3
+
+
+def test_the_run_records_the_data_class_names_without_changing_the_callers_config(tmp_path):
+    given = conditional(tmp_path, run={"max_steps": 1})
+    run = gan_run(given)
+    assert run.config.model.class_names == ["0", "1", "2"]
+    assert given.model.class_names == []  # the config travels unchanged

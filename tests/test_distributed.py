@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from training import checkpoint
-from training.trainer import Trainer
+from training.gan_step import gan_run
 from tests.conftest import tiny_config, wait_for
 
 TINY = {"data.dataset": "synthetic", "data.synthetic_samples": 64, "model.ngf": 4, "model.ndf": 4,
@@ -44,10 +44,10 @@ def steps_logged(run_dir: Path) -> int:
 def test_a_two_process_run_completes_and_resumes_in_one_process(tmp_path):
     code, output = finished(torchrun(tmp_path, {**TINY, "run.epochs": 2, "run.max_steps": 6}))
     assert code == 0, output
-    assert checkpoint.load(tmp_path / "checkpoint.pt", "cpu")["step"] == 6
+    assert checkpoint.load(tmp_path / "checkpoint.pt", "cpu").step == 6
     assert steps_logged(tmp_path) == 6  # one writer: rank 0
     config = tiny_config(tmp_path, run={"epochs": 2})
-    result = Trainer(config).train()
+    result = gan_run(config).train()
     assert result.step == 16 and steps_logged(tmp_path) == 16
 
 
@@ -66,9 +66,9 @@ def test_the_first_step_of_two_processes_is_the_one_process_step_on_the_global_b
     two = checkpoint.load(tmp_path / "two" / "checkpoint.pt", "cpu")
     one = checkpoint.load(tmp_path / "one" / "checkpoint.pt", "cpu")
     for network in ("generator", "discriminator"):
-        for name, tensor in one[network].items():
-            torch.testing.assert_close(two[network][name], tensor, rtol=0, atol=1e-5, msg=f"{network}.{name}")
-    assert torch.equal(two["noise_rng"], one["noise_rng"])  # the noise stream does not depend on the world size
+        for name, tensor in one.network(network).items():
+            torch.testing.assert_close(two.network(network)[name], tensor, rtol=0, atol=1e-5, msg=f"{network}.{name}")
+    assert torch.equal(two.model["noise_rng"], one.model["noise_rng"])  # the noise stream does not depend on the world size
 
 
 def test_sigterm_on_the_job_leaves_one_complete_checkpoint(tmp_path):
@@ -79,11 +79,11 @@ def test_sigterm_on_the_job_leaves_one_complete_checkpoint(tmp_path):
     assert code != 0 and output.count("stopped by signal at step") == 1, output
     state = checkpoint.load(tmp_path / "checkpoint.pt", "cpu")
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert state["step"] == last["step"]  # saved at the step where both ranks stopped
+    assert state.step == last["step"]  # saved at the step where both ranks stopped
     assert not list(tmp_path.glob(".*.tmp"))
-    resumed = Trainer(tiny_config(tmp_path, run={"epochs": 10000, "checkpoint_every": 10**6,
-                                                 "max_steps": state["step"] + 2})).train()
-    assert resumed.step == state["step"] + 2
+    resumed = gan_run(tiny_config(tmp_path, run={"epochs": 10000, "checkpoint_every": 10**6,
+                                                 "max_steps": state.step + 2})).train()
+    assert resumed.step == state.step + 2
 
 
 def test_a_killed_rank_ends_the_job_with_its_error_and_no_corrupt_checkpoint(tmp_path):
@@ -96,7 +96,7 @@ def test_a_killed_rank_ends_the_job_with_its_error_and_no_corrupt_checkpoint(tmp
     assert code != 0
     assert "FAILED" in output and "Signal 9 (SIGKILL)" in output, output
     state = checkpoint.load(tmp_path / "checkpoint.pt", "cpu")  # the last complete one
-    assert state["step"] % 5 == 0 or state["step"] % 8 == 0
+    assert state.step % 5 == 0 or state.step % 8 == 0
 
 
 def test_a_two_process_run_resumed_at_two_processes_continues_bit_for_bit(tmp_path):
@@ -107,7 +107,7 @@ def test_a_two_process_run_resumed_at_two_processes_continues_bit_for_bit(tmp_pa
         assert code == 0, output
     a = checkpoint.load(straight / "checkpoint.pt", "cpu")
     b = checkpoint.load(interrupted / "checkpoint.pt", "cpu")
-    assert a["step"] == b["step"] == 10
+    assert a.step == b.step == 10
     for network in ("generator", "discriminator", "ema"):
-        for name, tensor in a[network].items():
-            assert torch.equal(b[network][name], tensor), f"{network}.{name}"
+        for name, tensor in a.network(network).items():
+            assert torch.equal(b.network(network)[name], tensor), f"{network}.{name}"

@@ -105,20 +105,20 @@ def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, q
     from tests.conftest import tiny_config
     from training import checkpoint
     from training.export import ExportOptions, export_run
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
-    evaluated = Trainer(tiny_config(tmp_path / "eval", data={"path": str(mnist_dir)},
+    evaluated = gan_run(tiny_config(tmp_path / "eval", data={"path": str(mnist_dir)},
                                     run={"eval_every": 1, "eval_samples": 200}))
     evaluated.train()
-    plain = Trainer(tiny_config(tmp_path / "plain"))
+    plain = gan_run(tiny_config(tmp_path / "plain"))
     plain.train()
-    for key, value in plain.G.state_dict().items():  # evaluating takes no training randomness
-        assert torch.equal(value, evaluated.G.state_dict()[key]), key
+    for key, value in plain.model.G.state_dict().items():  # evaluating takes no training randomness
+        assert torch.equal(value, evaluated.model.G.state_dict()[key]), key
     records = [json.loads(line) for line in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[0]["best"]
     best = min(records, key=lambda r: r["fd"])
     state = checkpoint.load(tmp_path / "eval" / checkpoint.BEST_NAME)
-    assert state["step"] == best["step"] and state["best_objective"] == pytest.approx(best["fd"])
+    assert state.step == best["step"] and state.best_objective == pytest.approx(best["fd"])
     manifest = export_run(tmp_path / "eval", Repository(tmp_path / "repo"), "tiny",
                           options=ExportOptions(checkpoint_name=checkpoint.BEST_NAME))
     assert manifest.training["checkpoint"] == "best.pt" and manifest.training["step"] == best["step"]
@@ -135,19 +135,19 @@ def test_in_training_evaluation_needs_mnist_shaped_images():
 def test_toy_training_keeps_the_epoch_with_all_modes_and_most_high_quality(tmp_path):
     from training import checkpoint
     from training.config import load_config
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
     config = load_config("ring", overrides=[{
         "data": {"toy_epoch_samples": 2048},
         "run": {"run_dir": str(tmp_path), "epochs": 3, "eval_every": 1, "eval_samples": 500, "progress": False}}])
-    Trainer(config).train()
+    gan_run(config).train()
     records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     for r in records:  # objective: missing modes, then the share of low-quality samples
         assert r["objective"] == pytest.approx(8 - r["modes_covered"] + 1 - r["high_quality"])
     best = min(records, key=lambda r: r["objective"])
     assert best["best"]
-    assert checkpoint.load(tmp_path / checkpoint.BEST_NAME)["step"] == best["step"]
+    assert checkpoint.load(tmp_path / checkpoint.BEST_NAME).step == best["step"]
     assert load_samples(tmp_path, 100, 0, best=True).values.shape == (100, 2)
     with pytest.raises(EvalError, match=r"no best.pt \(a run keeps one only with run.eval_every\)"):
         load_samples(tmp_path / "elsewhere", 100, 0, best=True)

@@ -88,7 +88,7 @@ def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     assert proc.returncode == 130, err
     from training import checkpoint
 
-    saved = checkpoint.load(tmp_path / "checkpoint.pt")["step"]
+    saved = checkpoint.load(tmp_path / "checkpoint.pt").step
     assert saved > 0
     done = subprocess.run(args[:-2] + ["--set", f"run.max_steps={saved + 5}"], capture_output=True,
                           text=True, timeout=120)

@@ -33,7 +33,7 @@ def _train(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def _generator(run_dir: Path, name: str = "checkpoint.pt") -> dict:
-    return checkpoint.load(run_dir / name)["generator"]
+    return checkpoint.load(run_dir / name).model["generator"]
 
 
 def test_stopped_and_killed_at_random_points_a_run_ends_as_an_uninterrupted_one(tmp_path):
@@ -68,21 +68,21 @@ def test_a_crash_while_saving_the_epoch_end_checkpoint_loses_no_evaluation(tmp_p
     """The evaluation is durable (best.pt, eval.jsonl) before checkpoint.pt moves past its epoch."""
     config = tiny_config(tmp_path, data={"dataset": "ring", "toy_epoch_samples": 64},
                          model={"toy_hidden": 16, "toy_layers": 2}, run={"eval_every": 1, "checkpoint_every": 1000})
-    from training.trainer import Trainer
+    from training.gan_step import gan_run
 
     save = checkpoint.save
 
     def crash_at_first_epoch_end(path, state):
-        if path.name == checkpoint.CHECKPOINT_NAME and state["step"] == 8:
+        if path.name == checkpoint.CHECKPOINT_NAME and state.step == 8:
             raise KeyboardInterrupt("killed while writing checkpoint.pt")
         save(path, state)
 
     monkeypatch.setattr(checkpoint, "save", crash_at_first_epoch_end)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config).train()
+        gan_run(config).train()
     assert (tmp_path / "best.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
     monkeypatch.setattr(checkpoint, "save", save)
-    Trainer(config).train()
+    gan_run(config).train()
     records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
 
@@ -90,12 +90,13 @@ def test_a_crash_while_saving_the_epoch_end_checkpoint_loses_no_evaluation(tmp_p
 def test_leftover_temporaries_are_removed_and_a_second_trainer_is_refused(tmp_path, capsys):
     config = tiny_config(tmp_path, run={"max_steps": 2})
     from dcgan_core import locking
-    from training.trainer import RUN_LOCK, Trainer
+    from training.gan_step import gan_run
+    from training.run_loop import RUN_LOCK
 
     (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / ".latest.png.abc.tmp").write_bytes(b"half a png")
-    Trainer(config).train()
+    gan_run(config).train()
     assert not list(tmp_path.rglob(".*.tmp"))
     with locking.exclusive(tmp_path / RUN_LOCK, "held by this test"):  # as another live trainer would
         args = ["--run-dir", str(tmp_path), "--set", "data.dataset=synthetic", "--set", "run.max_steps=3"]
@@ -232,13 +233,13 @@ def test_a_full_disk_during_training_and_at_restart(small_disk, tmp_path):
     _fill(small_disk, leave=size // 2)  # the next checkpoint cannot be written
     done = _run_cli("--config", str(config), "--run-dir", str(run))
     _one_line_error(done, "No space left on device")
-    assert checkpoint.load(run / "checkpoint.pt")["step"] == 4  # the last good state, loadable
+    assert checkpoint.load(run / "checkpoint.pt").step == 4  # the last good state, loadable
     assert not list(run.rglob(".*.tmp"))
     _fill(small_disk, leave=0)  # nothing free at all: the restart itself cannot write
     done = _run_cli("--config", str(config), "--run-dir", str(run))
     _one_line_error(done, "No space left on device")
-    assert checkpoint.load(run / "checkpoint.pt")["step"] == 4
+    assert checkpoint.load(run / "checkpoint.pt").step == 4
     for filler in small_disk.glob("filler-*"):
         filler.unlink()
     assert _run_cli("--config", str(config), "--run-dir", str(run)).returncode == 0
-    assert checkpoint.load(run / "checkpoint.pt")["step"] == 24
+    assert checkpoint.load(run / "checkpoint.pt").step == 24

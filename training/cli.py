@@ -16,10 +16,12 @@ import tempfile
 from pathlib import Path
 
 from dcgan_core.locking import Locked
+from training import distributed
 from training.checkpoint import CheckpointError
 from training.config import PRESETS, ConfigError, load_config, parse_override
 from training.data import DataError
-from training.trainer import Trainer, TrainingDiverged
+from training.gan_step import gan_run
+from training.run_loop import TrainingDiverged
 
 log = logging.getLogger("dcgan-train")
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
     with contextlib.ExitStack() as cleanup:
+        # under torchrun: leave the process group before exiting, or gloo's threads are destroyed
+        # with the interpreter and the rank aborts ("terminate called without an active exception")
+        cleanup.callback(distributed.leave)
         try:
             overrides = _overrides(args)
             if args.dry_run:  # its run directory is removed at the end unless --run-dir names one
@@ -73,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dcgan-dry-run-"))
                 overrides = [dry, {"run": {"run_dir": run_dir}}] + overrides
             config = load_config(args.preset, args.config, overrides)
-            trainer = Trainer(config, force=args.force)
+            trainer = gan_run(config, force=args.force)
             if not trainer.world.main:  # under torchrun rank 0 speaks for the job
                 logging.getLogger().setLevel(logging.WARNING)
             log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,
-                     trainer.device, "bf16 autocast" if trainer.bf16 else "fp32", trainer.steps_per_epoch,
+                     trainer.device, "bf16 autocast" if trainer.model.bf16 else "fp32", trainer.steps_per_epoch,
                      trainer.step, trainer.total_steps)
             result = trainer.train()
         except (ConfigError, DataError, CheckpointError, Locked) as exc:

@@ -205,7 +205,7 @@ def toy_mixture(name: str) -> ToyMixture:
 # --------------------------------------------------------------------------- batches
 
 
-def _mix(*numbers: int) -> int:
+def derive_seed(*numbers: int) -> int:
     """A deterministic seed derived from several integers."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1, np.uint64)[0] >> 1)
 
@@ -228,7 +228,7 @@ class ImageBatches:
 
     def _rows(self, epoch: int, index: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
             self._order = (epoch, torch.randperm(len(self.data), generator=gen))
         return self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
 
@@ -252,7 +252,7 @@ class ToyBatches:
         self.steps_per_epoch = max(1, epoch_samples // batch_size)
 
     def batch(self, epoch: int, index: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, index))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
         return self.mixture.sample(self.batch_size, gen)
 
 

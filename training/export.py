@@ -25,7 +25,7 @@ from dcgan_core import images
 from dcgan_core.latents import latents
 from dcgan_core.repository import Manifest, NetworkSpec, Repository, sha256_file
 from training import checkpoint
-from training.config import TrainConfig, from_dict
+from training.config import TrainConfig
 from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,16 @@ class LoadedRun:
 
 def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpoint.CHECKPOINT_NAME) -> LoadedRun:
     """The networks of a run's checkpoint on CPU, in eval mode."""
-    state = checkpoint.load(Path(run_dir) / checkpoint_name)
-    config = from_dict(state["config"])
+    saved = checkpoint.load(Path(run_dir) / checkpoint_name)
+    config = saved.train_config
     generator, discriminator = build_models(config)
-    discriminator.load_state_dict(state["discriminator"])
-    if use_ema and state.get("ema") is not None:
-        generator.load_state_dict(state["ema"])
+    discriminator.load_state_dict(saved.network("discriminator"))
+    if use_ema and saved.network("ema") is not None:
+        generator.load_state_dict(saved.network("ema"))
         generator = recalibrate_batchnorm(generator, config.model.latent_size, config.run.seed)
     else:
-        generator.load_state_dict(state["generator"])
-    return LoadedRun(config, generator.eval(), discriminator.eval(), state["step"], Path(run_dir))
+        generator.load_state_dict(saved.network("generator"))
+    return LoadedRun(config, generator.eval(), discriminator.eval(), saved.step, Path(run_dir))
 
 
 def _export(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
