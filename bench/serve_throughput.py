@@ -37,7 +37,7 @@ from bench.common import median, save  # noqa: E402
 from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
-from serving.client import make_tensor  # noqa: E402
+from serving.wire import array_to_tensor  # noqa: E402
 from serving.runtime import OnnxNetwork  # noqa: E402
 
 Measurement = tuple[float, list[float]]  # (items per second, per-call latencies in seconds)
@@ -147,7 +147,7 @@ def main() -> None:
     channel = grpc.insecure_channel(target_on, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = pb_grpc.InferenceServiceStub(channel)
     single = pb.SampleRequest(model=args.model, count=1, seed=1, encoding=pb.ENCODING_RAW_UINT8)
-    score = pb.ScoreRequest(model=args.model, tensor=make_tensor(digits))
+    score = pb.ScoreRequest(model=args.model, tensor=array_to_tensor(digits))
 
     def raw(network: OnnxNetwork, shape: tuple[int, ...], batch: int) -> Callable[[], int]:
         x = rng.standard_normal((batch, *shape)).astype(np.float32)

@@ -18,14 +18,7 @@ import numpy as np
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from dcgan_core import images as imaging
-from serving import security
-
-ENCODINGS = {"uint8": pb.ENCODING_RAW_UINT8, "float32": pb.ENCODING_RAW_FLOAT32, "png": pb.ENCODING_PNG,
-             "auto": pb.ENCODING_UNSPECIFIED}
-
-
-INTERPOLATIONS = {"slerp": pb.INTERPOLATION_SLERP, "lerp": pb.INTERPOLATION_LERP}
-
+from serving import security, wire
 
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
@@ -47,12 +40,6 @@ def resolve_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     if target.startswith("dns:"):
         return target, [("grpc.service_config", ROUND_ROBIN)]
     return target, []
-
-
-def _encoding(name: str) -> int:
-    if name not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
-    return ENCODINGS[name]
 
 
 class ClientError(Exception):
@@ -136,25 +123,13 @@ def _point(point: int | tuple[int, int] | np.ndarray, label: int | None) -> pb.L
     """A walk end: a seed (its sample 0), (seed, index), or an explicit latent vector."""
     message = pb.LatentPoint()
     if isinstance(point, np.ndarray):
-        message.latent.CopyFrom(make_tensor(point.astype(np.float32).reshape(-1)))
+        message.latent.CopyFrom(wire.array_to_tensor(point.astype(np.float32).reshape(-1)))
     else:
         seed, index = (point, 0) if np.ndim(point) == 0 else point
         message.seeded.CopyFrom(pb.SeededLatent(seed=int(seed), index=int(index)))
     if label is not None:
         message.label = int(label)
     return message
-
-
-def tensor_array(tensor: pb.Tensor) -> np.ndarray:
-    dtype = np.uint8 if tensor.dtype == pb.DTYPE_UINT8 else np.dtype("<f4")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(list(tensor.shape))
-
-
-def make_tensor(array: np.ndarray) -> pb.Tensor:
-    if array.dtype == np.uint8:
-        return pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_UINT8, data=array.tobytes())
-    return pb.Tensor(shape=list(array.shape), dtype=pb.DTYPE_FLOAT32,
-                     data=np.ascontiguousarray(array, dtype="<f4").tobytes())
 
 
 class InferenceClient:
@@ -183,13 +158,13 @@ class InferenceClient:
     def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
                  encoding: str, include_scores: bool, labels: Sequence[int] | int | None = None,
                  controls: Controls = Controls()) -> pb.SampleRequest:
-        request = pb.SampleRequest(model=model, version=version, count=count, encoding=_encoding(encoding),
+        request = pb.SampleRequest(model=model, version=version, count=count, encoding=wire.encoding(encoding),
                                    include_scores=include_scores, labels=_labels(labels))
         controls.apply(request)
         if seed is not None:
             request.seed = seed
         if latents is not None:
-            request.latents.CopyFrom(make_tensor(np.asarray(latents, dtype=np.float32)))
+            request.latents.CopyFrom(wire.array_to_tensor(np.asarray(latents, dtype=np.float32)))
         return request
 
     @staticmethod
@@ -197,7 +172,7 @@ class InferenceClient:
         if response.png:
             pixels = np.stack([imaging.decode_image(blob) for blob in response.png])
         else:
-            pixels = tensor_array(response.samples)
+            pixels = wire.tensor_to_array(response.samples, "samples")
         scored = len(response.scores) > 0
         return Samples(response.model, response.version, response.seed, pixels, list(response.png),
                        np.array(response.scores, np.float32) if scored else None,
@@ -236,11 +211,9 @@ class InferenceClient:
              labels: tuple[int | None, int | None] = (None, None)) -> Samples:
         """``steps`` frames from ``start`` to ``end``, each a seed (its sample 0), a (seed, index)
         pair or a latent vector; ``labels``: the class at each end (conditional models)."""
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
         request = pb.WalkRequest(model=model, version=version, start=_point(start, labels[0]),
-                                 end=_point(end, labels[1]), steps=steps, encoding=_encoding(encoding),
-                                 interpolation=INTERPOLATIONS[interpolation], include_scores=include_scores)
+                                 end=_point(end, labels[1]), steps=steps, encoding=wire.encoding(encoding),
+                                 interpolation=wire.interpolation(interpolation), include_scores=include_scores)
         if truncation is not None:
             request.truncation = truncation
         try:
@@ -255,7 +228,7 @@ class InferenceClient:
         is scored under its most likely class."""
         request = pb.ScoreRequest(model=model, version=version, labels=_labels(labels))
         if isinstance(images, np.ndarray):
-            request.tensor.CopyFrom(make_tensor(images))
+            request.tensor.CopyFrom(wire.array_to_tensor(images))
         else:
             request.images.extend(images)
         try:

@@ -21,7 +21,8 @@ from pathlib import Path
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
 from serving import jobs
-from serving.client import INTERPOLATIONS, ClientError, Controls, InferenceClient
+from serving import wire
+from serving.client import ClientError, Controls, InferenceClient
 
 
 def _controls(args: argparse.Namespace) -> Controls:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     walk.add_argument("--to-seed", type=int, required=True, help="end: sample --to-index of this seed")
     walk.add_argument("--to-index", type=int, default=0)
     walk.add_argument("--steps", type=int, default=32, help="frames, both ends included (default: 32)")
-    walk.add_argument("--interpolation", choices=list(INTERPOLATIONS), default="slerp")
+    walk.add_argument("--interpolation", choices=list(wire.INTERPOLATIONS), default="slerp")
     walk.add_argument("--out", required=True, help="walk.gif (animation) or strip.png (one row)")
     walk.add_argument("--frame-ms", type=int, default=80, help="GIF frame duration (default: 80)")
     score = commands.add_parser("score", help="probability of being real for image files")

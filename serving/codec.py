@@ -1,52 +1,23 @@
-"""Conversions between protobuf messages and numpy arrays (the wire side of the image convention)."""
+"""The server's side of the wire: requests to the service's domain values, results to responses."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.repository import Manifest
+from serving import wire
 from serving.errors import InvalidArgument
 from serving.service import Endpoint, SampleSpec
 
-DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
-
-
-MAX_TENSOR_DIMS = 8  # the API's tensors have 2 (latents, points) or 4 (images) dimensions
-MAX_ELEMENTS = 2**31 - 1  # bounds every dimension and their product (zeros counted as 1)
-
-
-def check_tensor(shape: list[int], dtype_code: int, data_size: int, what: str) -> np.dtype:
-    """Validate a Tensor's header before numpy sees it: numpy itself fails on more than 64
-    dimensions or sizes past int64, with errors no client should get."""
-    if dtype_code not in DTYPES:
-        raise InvalidArgument(f"{what}: dtype must be DTYPE_UINT8 or DTYPE_FLOAT32, got {dtype_code}")
-    if not 1 <= len(shape) <= MAX_TENSOR_DIMS:
-        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; 1..{MAX_TENSOR_DIMS} allowed")
-    if any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
-        raise InvalidArgument(f"{what}: shape {shape} is invalid: dimensions must be >= 0 and their "
-                              f"product (zeros counted as 1) at most {MAX_ELEMENTS}")
-    dtype = DTYPES[dtype_code]
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if data_size != expected:
-        raise InvalidArgument(f"{what}: shape {shape} of {dtype.name} needs {expected} bytes, got {data_size}")
-    return dtype
-
 
 def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
-    """A Tensor message as a numpy array, with precise errors for inconsistent messages."""
-    shape = list(tensor.shape)
-    dtype = check_tensor(shape, tensor.dtype, len(tensor.data), what)
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-
-
-def array_to_tensor(array: np.ndarray) -> pb.Tensor:
-    dtype = pb.DTYPE_UINT8 if array.dtype == np.uint8 else pb.DTYPE_FLOAT32
-    data = np.ascontiguousarray(array, dtype=np.uint8 if dtype == pb.DTYPE_UINT8 else "<f4").tobytes()
-    return pb.Tensor(shape=list(array.shape), dtype=dtype, data=data)
+    """A Tensor message as a numpy array; an inconsistent message is INVALID_ARGUMENT."""
+    try:
+        return wire.tensor_to_array(tensor, what)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def to_model_range(array: np.ndarray) -> np.ndarray:
@@ -95,17 +66,13 @@ def resolve_encoding(encoding: int, manifest: Manifest) -> int:
 def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding: int) -> None:
     """Fill ``response`` with model-range samples in the requested encoding."""
     if encoding == pb.ENCODING_RAW_FLOAT32:
-        response.samples.CopyFrom(array_to_tensor(samples.astype(np.float32, copy=False)))
+        response.samples.CopyFrom(wire.array_to_tensor(samples))
         return
     pixels = images.model_to_uint8(samples)
     if encoding == pb.ENCODING_PNG:
         response.png.extend(images.encode_png(image) for image in pixels)
     else:
-        response.samples.CopyFrom(array_to_tensor(pixels))
-
-
-INTERPOLATIONS = {pb.INTERPOLATION_UNSPECIFIED: "slerp", pb.INTERPOLATION_SLERP: "slerp",
-                  pb.INTERPOLATION_LERP: "lerp"}
+        response.samples.CopyFrom(wire.array_to_tensor(pixels))
 
 
 def optional(message, name: str) -> float | None:
@@ -141,6 +108,6 @@ def endpoint(point: pb.LatentPoint, what: str) -> Endpoint:
 
 
 def interpolation(value: int) -> str:
-    if value not in INTERPOLATIONS:
+    if value not in wire.INTERPOLATION_NAMES:
         raise InvalidArgument(f"unknown interpolation {value}")
-    return INTERPOLATIONS[value]
+    return wire.INTERPOLATION_NAMES[value]

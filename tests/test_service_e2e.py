@@ -14,7 +14,8 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.latents import latents
 from serving.client import (DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
-                            ResourceExhaustedError, make_tensor)
+                            ResourceExhaustedError)
+from serving.wire import array_to_tensor
 from tests.conftest import ROOT, start_server, wait_for
 
 
