@@ -1,4 +1,5 @@
-"""The server's side of the wire: requests to the service's domain values, results to responses."""
+"""The dcgan.v1 front end's translations: request messages to the service's domain values, and
+its results back to response messages. Tensors and enum names are serving.wire's."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import numpy as np
 
 from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
-from dcgan_core.repository import Manifest
 from serving import wire
 from serving.errors import InvalidArgument
-from serving.service import Endpoint, SampleSpec
+from serving.inputs import ScoreSpec
+from serving.plans import Endpoint, SampleSpec, WalkSpec
+from serving.service import ModelCard, SampleResult, ScoreResult, probabilities
+
+VERSION_STATES = {"READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED,
+                  "UNLOADED": pb.VERSION_STATE_UNLOADED}
 
 
 def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
@@ -20,64 +25,24 @@ def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
         raise InvalidArgument(str(exc)) from None
 
 
-def to_model_range(array: np.ndarray) -> np.ndarray:
-    """uint8 images to [-1, 1] floats; float32 passes through."""
-    return images.uint8_to_model(array) if array.dtype == np.uint8 else array.astype(np.float32, copy=False)
-
-
-def decode_images(blobs: list[bytes], manifest: Manifest) -> np.ndarray:
-    """Encoded images -> uint8 NCHW, each checked against the model's size; errors name the index."""
-    decoded = []
-    for index, blob in enumerate(blobs):
-        try:
-            decoded.append(images.decode_image(blob, manifest.channels, manifest.image_size))
-        except ValueError as exc:
-            raise InvalidArgument(f"image {index}: {exc}") from None
-    return np.stack(decoded)
-
-
-def score_inputs(request: pb.ScoreRequest, manifest: Manifest, max_images: int) -> np.ndarray:
-    """The model-range float32 batch of a Score request."""
-    has_tensor = request.HasField("tensor")
-    if has_tensor == bool(request.images):
-        raise InvalidArgument("give either images (encoded) or tensor (raw), exactly one of them")
-    if request.images:
-        if manifest.kind != "dcgan":
-            raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: send a float32 [N, 2] tensor")
-        if len(request.images) > max_images:
-            raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(request.images)}")
-        return to_model_range(decode_images(list(request.images), manifest))
-    array = tensor_to_array(request.tensor, "tensor")
-    if manifest.kind != "dcgan" and array.dtype == np.uint8:
-        raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: the tensor must be float32")
-    return to_model_range(array)
-
-
-def resolve_encoding(encoding: int, manifest: Manifest) -> int:
-    if encoding == pb.ENCODING_UNSPECIFIED:
-        return pb.ENCODING_RAW_UINT8 if manifest.kind == "dcgan" else pb.ENCODING_RAW_FLOAT32
-    if encoding not in (pb.ENCODING_PNG, pb.ENCODING_RAW_UINT8, pb.ENCODING_RAW_FLOAT32):
-        raise InvalidArgument(f"unknown encoding {encoding}")
-    if manifest.kind != "dcgan" and encoding != pb.ENCODING_RAW_FLOAT32:
-        raise InvalidArgument(f"model {manifest.name!r} generates 2-D points: use ENCODING_RAW_FLOAT32")
-    return encoding
-
-
-def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding: int) -> None:
-    """Fill ``response`` with model-range samples in the requested encoding."""
-    if encoding == pb.ENCODING_RAW_FLOAT32:
-        response.samples.CopyFrom(wire.array_to_tensor(samples))
-        return
-    pixels = images.model_to_uint8(samples)
-    if encoding == pb.ENCODING_PNG:
-        response.png.extend(images.encode_png(image) for image in pixels)
-    else:
-        response.samples.CopyFrom(wire.array_to_tensor(pixels))
-
-
 def optional(message, name: str) -> float | None:
     """An optional proto3 field's value, None when unset."""
     return getattr(message, name) if message.HasField(name) else None
+
+
+def encoding(value: int) -> str:
+    if value not in wire.ENCODING_NAMES:
+        raise InvalidArgument(f"unknown encoding {value}")
+    return wire.ENCODING_NAMES[value]
+
+
+def interpolation(value: int) -> str:
+    if value not in wire.INTERPOLATION_NAMES:
+        raise InvalidArgument(f"unknown interpolation {value}")
+    return wire.INTERPOLATION_NAMES[value]
+
+
+# ---------------------------------------------------------------------------- requests
 
 
 def sample_spec(request: pb.SampleRequest) -> SampleSpec:
@@ -89,7 +54,8 @@ def sample_spec(request: pb.SampleRequest) -> SampleSpec:
             raise InvalidArgument("latents must be DTYPE_FLOAT32")
     return SampleSpec(request.count, optional(request, "seed"), explicit, tuple(request.labels),
                       optional(request, "truncation"), optional(request, "min_score"),
-                      optional(request, "keep_top"), request.include_scores)
+                      optional(request, "keep_top"), request.include_scores, request.model, request.version,
+                      encoding(request.encoding))
 
 
 def endpoint(point: pb.LatentPoint, what: str) -> Endpoint:
@@ -107,7 +73,57 @@ def endpoint(point: pb.LatentPoint, what: str) -> Endpoint:
     return Endpoint(label=label)
 
 
-def interpolation(value: int) -> str:
-    if value not in wire.INTERPOLATION_NAMES:
-        raise InvalidArgument(f"unknown interpolation {value}")
-    return wire.INTERPOLATION_NAMES[value]
+def walk_spec(request: pb.WalkRequest) -> WalkSpec:
+    return WalkSpec(endpoint(request.start, "start"), endpoint(request.end, "end"), request.steps,
+                    interpolation(request.interpolation), optional(request, "truncation"), request.include_scores,
+                    request.model, request.version, encoding(request.encoding))
+
+
+def score_spec(request: pb.ScoreRequest) -> ScoreSpec:
+    array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
+    return ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version)
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def sample_response(result: SampleResult) -> pb.SampleResponse:
+    """Samples in the result's encoding (PNG takes milliseconds per image: not on the event loop)."""
+    response = pb.SampleResponse(model=result.manifest.name, version=result.manifest.version, seed=result.seed,
+                                 offset=result.offset, provider=result.provider)
+    encode_samples(response, result.samples, result.encoding)
+    if result.labels is not None:
+        response.labels.extend(result.labels.tolist())
+    if result.candidate_indices is not None:
+        response.candidates = result.candidates
+        response.candidate_indices.extend(result.candidate_indices.tolist())
+    if result.logits is not None:
+        response.logits.extend(result.logits.tolist())
+        response.scores.extend(probabilities(result.logits).tolist())
+    return response
+
+
+def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding_name: str) -> None:
+    """Fill ``response`` with model-range samples in the named encoding."""
+    if encoding_name == "float32":
+        response.samples.CopyFrom(wire.array_to_tensor(samples))
+        return
+    pixels = images.model_to_uint8(samples)
+    if encoding_name == "png":
+        response.png.extend(images.encode_png(image) for image in pixels)
+    else:
+        response.samples.CopyFrom(wire.array_to_tensor(pixels))
+
+
+def score_response(result: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
+                            probabilities=result.probabilities.tolist(), logits=result.logits.tolist(),
+                            provider=result.provider, labels=[] if result.labels is None else result.labels.tolist())
+
+
+def model_info(card: ModelCard) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=card.name, kind=card.kind, latent_size=card.latent_size, sample_shape=card.sample_shape,
+        latest_version=card.latest_version, num_classes=card.num_classes, class_names=card.class_names,
+        versions=[pb.VersionInfo(version=v.version, state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNLOADED), provider=v.provider,
+                                 error=v.error, manifest_json=v.manifest_json) for v in card.versions])

@@ -51,7 +51,7 @@ class InferenceServer:
         self.metrics = ServingMetrics()
         self.store = ModelStore(Repository(config.repository), config, self.metrics)
         self.store.load()
-        self.service = InferenceService(self.store, config)
+        self.service = InferenceService(self.store, config, reload=self.reload)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
@@ -79,8 +79,7 @@ class InferenceServer:
             interceptors.insert(0, security.BearerTokenInterceptor(self._token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service, self.metrics, self.reload),
-                                                self.server)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service, self.metrics), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -341,7 +341,8 @@ def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
 
     from dcgan_core.repository import Repository
     from serving.config import ServeConfig
-    from serving.service import Call, InferenceService, SampleSpec
+    from serving.plans import SampleSpec
+    from serving.service import Call, InferenceService
     from serving.store import ModelStore
 
     config = ServeConfig(repository=str(serving_repo)).validate()
@@ -350,10 +351,8 @@ def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
     service = InferenceService(store, config)
     try:
         for seed in (1, 2):
-            with store.use("tiny", 0) as loaded:
-                z = service.plan(loaded.manifest, SampleSpec(3, seed)).latents
-                call = service.sample(loaded, z, seed, False, Call())
-                result = asyncio.run(asyncio.wait_for(call, 10))
-            assert result.samples.shape == (3, *loaded.manifest.sample_shape)
+            call = service.sample(SampleSpec(3, seed, model="tiny"), Call())
+            result = asyncio.run(asyncio.wait_for(call, 10))
+            assert result.samples.shape == (3, *result.manifest.sample_shape) and result.seed == seed
     finally:
         store.close()

@@ -22,9 +22,11 @@ from dcgan_core import images
 from dcgan_core.repository import Repository
 from serving import codec
 from serving.client import InferenceClient, InvalidArgumentError, NotFoundError
-from serving.config import ServeConfig
 from serving.errors import InvalidArgument, MAX_DETAILS
-from serving.service import InferenceService, SampleSpec
+from serving import inputs as score_inputs
+from serving import plans
+from serving.plans import SampleSpec
+from serving.service import resolve_encoding
 from tests.conftest import start_server
 
 #: What a request may legitimately get besides OK (the .proto's list, less INTERNAL and UNKNOWN).
@@ -98,10 +100,9 @@ def test_image_decoding_gives_pixels_or_value_error(blob, channels):
 @given(count=st.integers(-2**31, 2**31 - 1), seed=st.none() | st.integers(0, 2**64 - 1),
        latents=st.none() | st.lists(st.floats(width=32), min_size=1, max_size=24))
 def test_latent_validation(manifests, count, seed, latents):
-    service = InferenceService(None, ServeConfig(max_count=64))
     explicit = None if latents is None else np.array(latents, np.float32).reshape(-1, 1 if len(latents) % 8 else 8)
     try:
-        plan = service.plan(manifests["tiny"], SampleSpec(count, seed, explicit))
+        plan = plans.plan(manifests["tiny"], SampleSpec(count, seed, explicit), plans.Limits(max_count=64))
         z, used = plan.latents, plan.seed
     except InvalidArgument as exc:
         assert str(exc)
@@ -123,10 +124,9 @@ def test_score_inputs_and_checks(manifests, images_, tensor, model):
     request = pb.ScoreRequest(images=images_)
     if tensor is not None:
         request.tensor.CopyFrom(tensor)
-    service = InferenceService(None, ServeConfig(max_score_images=2))
     try:
-        inputs = codec.score_inputs(request, manifests[model], 2)
-        service.check_score_inputs(manifests[model], inputs)
+        inputs = score_inputs.model_inputs(codec.score_spec(request), manifests[model], 2)
+        score_inputs.check(manifests[model], inputs, 2)
     except InvalidArgument as exc:
         assert str(exc)
         return
@@ -137,10 +137,10 @@ def test_score_inputs_and_checks(manifests, images_, tensor, model):
 @given(encoding=st.integers(-2**31, 2**31 - 1), model=st.sampled_from(["tiny", "toy"]))
 def test_encodings(manifests, encoding, model):
     try:
-        resolved = codec.resolve_encoding(encoding, manifests[model])
+        resolved = resolve_encoding(codec.encoding(encoding), manifests[model])
     except InvalidArgument:
         return
-    assert resolved in (pb.ENCODING_PNG, pb.ENCODING_RAW_UINT8, pb.ENCODING_RAW_FLOAT32)
+    assert resolved in ("png", "uint8", "float32")
 
 
 # ---------------------------------------------------------------- a real server

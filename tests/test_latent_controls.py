@@ -19,9 +19,9 @@ from dcgan_core import images
 from dcgan_core.latents import LatentStream, interpolate, latents
 from serving import client_cli
 from serving.client import Controls, InferenceClient, InvalidArgumentError, ResourceExhaustedError
-from serving.config import ServeConfig
 from serving.errors import InvalidArgument
-from serving.service import Endpoint, InferenceService, SampleSpec
+from serving import plans
+from serving.plans import Endpoint, SampleSpec
 from tests.conftest import start_server
 
 MAX_CANDIDATES = 256
@@ -220,7 +220,7 @@ def _proto_keep_top_candidates(count: int, keep_top: float) -> int:
 def test_the_server_computes_keep_top_candidates_as_the_proto_states(count, keep_top):
     import math
 
-    from serving.service import keep_top_share
+    from serving.plans import keep_top_share
 
     assert math.ceil(count / keep_top_share(keep_top)) == _proto_keep_top_candidates(count, keep_top)
 
@@ -319,11 +319,10 @@ def test_guided_sampling_streams_the_same_samples_in_chunks(client):
        min_score=st.none() | st.floats(width=32), keep_top=st.none() | st.floats(width=32))
 def test_any_controls_give_a_valid_plan_or_invalid_argument(conditional_repo, model, count, labels, truncation,
                                                             min_score, keep_top):
-    service = InferenceService(None, ServeConfig(max_count=64))
     manifest = conditional_repo.manifest(model, 1)
     spec = SampleSpec(count, 3, None, tuple(labels), truncation, min_score, keep_top)
     try:
-        plan = service.plan(manifest, spec)
+        plan = plans.plan(manifest, spec, plans.Limits(max_count=64))
     except InvalidArgument as exc:
         assert str(exc)
         return
@@ -340,13 +339,12 @@ def test_any_controls_give_a_valid_plan_or_invalid_argument(conditional_repo, mo
        latent=st.none() | st.lists(st.floats(width=32), min_size=7, max_size=9),
        label=st.none() | st.integers(-1, 3), model=st.sampled_from(["plain", "cond"]))
 def test_any_walk_gives_its_latents_or_invalid_argument(conditional_repo, steps, index, seed, latent, label, model):
-    service = InferenceService(None, ServeConfig(max_count=64))
     manifest = conditional_repo.manifest(model, 1)
     start = Endpoint(seed, index, label=label)
     end = Endpoint(latent=None if latent is None else np.array(latent, np.float32), label=label) \
         if latent is not None else Endpoint(seed + 1 if seed < 2**63 else 0, 0, label=label)
     try:
-        z, labels = service.walk_latents(manifest, start, end, steps, "slerp", None)
+        z, labels = plans.walk_latents(manifest, plans.WalkSpec(start, end, steps), plans.Limits(max_count=64))
     except InvalidArgument as exc:
         assert str(exc)
         return

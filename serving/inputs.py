@@ -1,0 +1,81 @@
+"""What a Score request's images become: a model-range float32 batch checked against the model.
+
+Images arrive encoded (PNG, JPEG, ..., each exactly the model's size) or as one raw uint8/float32
+tensor; either way the batch the discriminator sees is float32 in the model range
+(dcgan_core.images), and anything else is INVALID_ARGUMENT naming the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dcgan_core import images
+from dcgan_core.repository import Manifest
+from serving.errors import InvalidArgument
+
+IMAGE_RANGE_SLACK = 1e-3  # float32 images may exceed [-1, 1] by rounding, not more
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a Score request asks for: encoded images or one array (not both), and labels."""
+
+    images: list[bytes] = field(default_factory=list)
+    array: np.ndarray | None = None  # uint8 or float32 [N, C, H, W] (toy2d: float32 [N, 2])
+    labels: tuple[int, ...] = ()  # conditional models: N values, or one for all
+    model: str = ""
+    version: int = 0
+
+
+def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int) -> np.ndarray:
+    """The model-range float32 batch of a Score request (decoding takes milliseconds per image)."""
+    if (spec.array is not None) == bool(spec.images):
+        raise InvalidArgument("give either images (encoded) or tensor (raw), exactly one of them")
+    if spec.images:
+        if manifest.kind != "dcgan":
+            raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: send a float32 [N, 2] tensor")
+        if len(spec.images) > max_images:
+            raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(spec.images)}")
+        return to_model_range(decode_images(spec.images, manifest))
+    if manifest.kind != "dcgan" and spec.array.dtype == np.uint8:
+        raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: the tensor must be float32")
+    return to_model_range(spec.array)
+
+
+def to_model_range(array: np.ndarray) -> np.ndarray:
+    """uint8 images to [-1, 1] floats; float32 passes through."""
+    return images.uint8_to_model(array) if array.dtype == np.uint8 else array.astype(np.float32, copy=False)
+
+
+def decode_images(blobs: list[bytes], manifest: Manifest) -> np.ndarray:
+    """Encoded images -> uint8 NCHW, each checked against the model's size; errors name the index."""
+    decoded = []
+    for index, blob in enumerate(blobs):
+        try:
+            decoded.append(images.decode_image(blob, manifest.channels, manifest.image_size))
+        except ValueError as exc:
+            raise InvalidArgument(f"image {index}: {exc}") from None
+    return np.stack(decoded)
+
+
+def check(manifest: Manifest, inputs: np.ndarray, max_images: int) -> None:
+    """The batch's shape, size, finiteness and (images) value range fit the model."""
+    expected = [*manifest.sample_shape]
+    if inputs.ndim != len(expected) + 1 or list(inputs.shape[1:]) != expected:
+        raise InvalidArgument(f"inputs have shape {list(inputs.shape)}; model {manifest.name!r} "
+                              f"expects [N, {', '.join(map(str, expected))}]")
+    if not 1 <= len(inputs) <= max_images:
+        raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(inputs)}")
+    if not np.all(np.isfinite(inputs)):
+        bad = int(np.argmax(~np.isfinite(inputs.reshape(len(inputs), -1)).any(1)))
+        raise InvalidArgument(f"image {bad} contains NaN or infinite values")
+    if manifest.kind == "dcgan":
+        low, high = manifest.value_range
+        flat = inputs.reshape(len(inputs), -1)
+        outside = (flat.min(1) < low - IMAGE_RANGE_SLACK) | (flat.max(1) > high + IMAGE_RANGE_SLACK)
+        if outside.any():
+            bad = int(np.argmax(outside))
+            raise InvalidArgument(f"image {bad} has float32 values outside the model range "
+                                  f"[{low}, {high}] (send uint8 0..255, or scale to [-1, 1])")
