@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
 MNIST  ?= ../shared/datasets/mnist
 
-.PHONY: setup proto test serve serve-cluster train-mnist train-ring bench clean api-check api-accept
+.PHONY: setup proto test lint serve serve-cluster train-mnist train-ring bench clean api-check api-accept
 
 setup: $(VENV)/.installed proto
 
@@ -32,6 +32,9 @@ api-accept: setup
 
 test: setup
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 serve: setup
 	$(VENV)/bin/dcgan-serve --repository exported --port 50051

@@ -25,9 +25,10 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved, median, save  # noqa: E402
 from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+from bench.common import interleaved, median, save  # noqa: E402
 
 SMALL_EVERY_S = 0.005
 

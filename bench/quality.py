@@ -31,15 +31,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, cpu_model, save  # noqa: E402
-from dcgan_core import images  # noqa: E402
 from bench.reference import ReferenceDCGAN  # noqa: E402
+from dcgan_core import images  # noqa: E402
 from dcgan_core.latents import latents  # noqa: E402
 from training import metrics, reporting  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import build_batches, toy_mixture  # noqa: E402
 from training.evaluate import load_samples  # noqa: E402
 from training.gan_step import gan_run  # noqa: E402
-
 
 TOY_HELD_OUT_SEED = 10_000  # the in-training evaluations draw their latents from the run's seed
 
@@ -136,19 +135,23 @@ def main() -> None:
             points = load_samples(Path(run_dir), 10000, TOY_HELD_OUT_SEED + seed,
                                   best=config.run.eval_every > 0).values
             toy.append(metrics.toy_metrics(points, toy_mixture("ring")))
-    report["toy_ring"] = {key: {"mean": statistics.mean(t[key] for t in toy), "sd": statistics.pstdev(t[key] for t in toy)}
+    report["toy_ring"] = {key: {"mean": statistics.mean(t[key] for t in toy),
+                                "sd": statistics.pstdev(t[key] for t in toy)}
                           for key in ("modes_covered", "high_quality", "reverse_kl")}
     report["toy_ring"]["per_seed"] = toy
 
     for name in ("real_floor", "reference", "project", "extra_run"):
         if name in report:
             row = report[name]
-            print(f"{name:<12} fd {row['fd']:8.3f}  is {row['is']:6.3f}  coverage {row['coverage_min']:.3f}..{row['coverage_max']:.3f}")
-    print(f"fd ratio project/reference at {args.epochs} epochs: {report['fd_ratio_project_over_reference']:.3f} (target <= 0.6)")
+            print(f"{name:<12} fd {row['fd']:8.3f}  is {row['is']:6.3f}  "
+                  f"coverage {row['coverage_min']:.3f}..{row['coverage_max']:.3f}")
+    ratio = report['fd_ratio_project_over_reference']
+    print(f"fd ratio project/reference at {args.epochs} epochs: {ratio:.3f} (target <= 0.6)")
     if args.extra_run:
         print(f"fd ratio {args.extra_run}/reference: {report['fd_ratio_extra_over_reference']:.3f} (target <= 0.35)")
     ring = report["toy_ring"]
-    print(f"toy ring over {args.toy_seeds} seeds: modes {ring['modes_covered']['mean']:.2f} ± {ring['modes_covered']['sd']:.2f}, "
+    print(f"toy ring over {args.toy_seeds} seeds: "
+          f"modes {ring['modes_covered']['mean']:.2f} ± {ring['modes_covered']['sd']:.2f}, "
           f"high quality {ring['high_quality']['mean']:.3f} ± {ring['high_quality']['sd']:.3f}")
     save("quality", report)
 

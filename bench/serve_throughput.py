@@ -33,12 +33,14 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import median, save  # noqa: E402
 from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+from bench.common import median, save  # noqa: E402
+from dcgan_core import DEVICES  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
-from serving.wire import array_to_tensor  # noqa: E402
 from serving.runtime import OnnxNetwork  # noqa: E402
+from serving.wire import array_to_tensor  # noqa: E402
 
 Measurement = tuple[float, list[float]]  # (items per second, per-call latencies in seconds)
 
@@ -122,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", default="exported")
     parser.add_argument("--model", default="mnist-dcgan")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=64)
@@ -221,7 +223,8 @@ def main() -> None:
     }
     print(f"\n{'measurement':<32} {'items/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for name, row in table.items():
-        print(f"{name:<32} {row['items_per_s']:>10.0f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p99_ms']:>8.2f}")
+        print(f"{name:<32} {row['items_per_s']:>10.0f} "
+              f"{row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p99_ms']:>8.2f}")
     for name in costs:
         row = table[name]
         print(f"{name:<32} CPU per call: server {row['server_core_ms_per_call']:.3f} core-ms, "
@@ -231,7 +234,8 @@ def main() -> None:
         print(f"{name:<32} {value:6.3f}  (target >= {target}) {'ok' if value >= target else 'BELOW TARGET'}")
     for name, value in ceilings.items():
         print(f"{name:<40} ceiling on this host: {value:.3f}")
-    suffix = (f"_w{args.batch_workers}" if args.batch_workers else "") + (f"_ort{args.ort_threads}" if args.ort_threads else "")
+    suffix = ((f"_w{args.batch_workers}" if args.batch_workers else "")
+              + (f"_ort{args.ort_threads}" if args.ort_threads else ""))
     save(f"serve_{g.provider.replace('ExecutionProvider', '').lower()}{suffix}", {
         "model": f"{args.model} v{version}", "provider": g.provider, "clients": args.clients,
         "server_ort_threads": args.ort_threads, "server_batch_workers": args.batch_workers,

@@ -20,6 +20,8 @@ from dcgan_core.atomic import atomic_write_bytes
 VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)
 #: Decoded images larger than this many pixels are refused before decoding (decompression bombs).
 MAX_DECODE_PIXELS = 4096 * 4096
+#: File suffixes read as images (training folders, score jobs): what Pillow decodes here.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 def uint8_to_model(images: np.ndarray) -> np.ndarray:

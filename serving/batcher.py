@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.config import ServeConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -128,8 +130,9 @@ class BatchStats:
 class DynamicBatcher:
     """Merges concurrent ``submit`` calls into batched calls of ``run``."""
 
-    def __init__(self, run: Callable[[Inputs], np.ndarray], max_batch_size: int = 64,
-                 max_queue_delay_s: float = 0.002, max_queue: int = 1024, enabled: bool = True,
+    def __init__(self, run: Callable[[Inputs], np.ndarray], max_batch_size: int = ServeConfig.max_batch_size,
+                 max_queue_delay_s: float = ServeConfig.max_queue_delay_ms / 1000,
+                 max_queue: int = ServeConfig.max_queue, enabled: bool = True,
                  name: str = "batcher", on_batch: Callable[[BatchStats], None] | None = None,
                  workers: int = 1):
         self._run = run

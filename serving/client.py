@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
+
 from dcgan_core import images as imaging
 from serving import security, wire
 

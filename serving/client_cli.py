@@ -20,8 +20,7 @@ from pathlib import Path
 
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
-from serving import jobs
-from serving import wire
+from serving import jobs, wire
 from serving.client import ClientError, Controls, InferenceClient
 
 

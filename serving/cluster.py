@@ -32,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
+from serving.wire import SERVICE_NAME
+
 log = logging.getLogger(__name__)
-HEALTH_SERVICE = "dcgan.v1.InferenceService"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 HTTP2 = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -102,7 +103,7 @@ def envoy_config(upstreams: Upstreams, port: int, admin_port: int, host: str = "
                 "@type": HTTP2, "explicit_http_config": {"http2_protocol_options": {}}}},
         "health_checks": [{"timeout": "1s", "interval": interval, "unhealthy_threshold": 1,
                            "healthy_threshold": 1, "no_traffic_interval": interval,
-                           "grpc_health_check": {"service_name": HEALTH_SERVICE}}],
+                           "grpc_health_check": {"service_name": SERVICE_NAME}}],
         "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 2,
                               "consecutive_local_origin_failure": 2, "split_external_local_origin_errors": True,
                               "interval": interval, "base_ejection_time": "10s", "max_ejection_percent": 50},

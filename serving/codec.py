@@ -4,8 +4,8 @@ its results back to response messages. Tensors and enum names are serving.wire's
 from __future__ import annotations
 
 import numpy as np
-
 from dcgan.v1 import inference_pb2 as pb
+
 from dcgan_core import images
 from serving import wire
 from serving.errors import InvalidArgument
@@ -125,5 +125,6 @@ def model_info(card: ModelCard) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=card.name, kind=card.kind, latent_size=card.latent_size, sample_shape=card.sample_shape,
         latest_version=card.latest_version, num_classes=card.num_classes, class_names=card.class_names,
-        versions=[pb.VersionInfo(version=v.version, state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNLOADED), provider=v.provider,
+        versions=[pb.VersionInfo(version=v.version, state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNLOADED),
+                                 provider=v.provider,
                                  error=v.error, manifest_json=v.manifest_json) for v in card.versions])

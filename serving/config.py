@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcgan_core import DEVICES
+
 
 class ServeConfigError(ValueError):
     pass
@@ -84,8 +86,8 @@ class ServeConfig:
                     "max_candidates", "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ServeConfigError(f"device = {self.device!r} must be auto, cuda or cpu")
+        if self.device not in DEVICES:
+            raise ServeConfigError(f"device = {self.device!r} must be {' or '.join(DEVICES)}")
         non_negative = ("max_queue_delay_ms", "grace_s", "poll_s", "max_concurrent_rpcs", "ort_threads",
                         "batch_workers")
         for key in non_negative:

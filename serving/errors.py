@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 MAX_QUOTED = 64  # characters of a client-supplied name repeated in an error message
 MAX_DETAILS = 2000  # characters of a status message (clients refuse metadata over 8 KiB)
 

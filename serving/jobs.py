@@ -28,11 +28,18 @@ from tqdm import tqdm
 
 from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
-from serving.client import (Controls, DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
-                            ResourceExhaustedError, UnavailableError)
+from dcgan_core.images import IMAGE_SUFFIXES
+from serving.client import (
+    Controls,
+    DeadlineExceededError,
+    InferenceClient,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 RETRYABLE = (UnavailableError, ResourceExhaustedError, DeadlineExceededError)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 FIELDS = ["path", "probability", "logit", "model", "version", "error"]
 T = TypeVar("T")
 DEFAULT_PATIENCE_S = 600.0  # how long a job waits out an absent or overloaded server

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dcgan_core import DEVICES
 from dcgan_core.repository import NetworkSpec, RepositoryError
 from serving.batcher import Inputs
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-DEVICES = ("auto", "cuda", "cpu")
 
 
 class RuntimeUnavailable(RuntimeError):

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dcgan.v1 import inference_pb2 as pb
-from dcgan.v1 import inference_pb2_grpc as pb_grpc
+from dcgan_core import DEVICES
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
 from serving.config import ServeConfig, ServeConfigError, load_serve_config
@@ -36,9 +36,9 @@ from serving.runtime import RuntimeUnavailable, providers_for
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
 from serving.store import ModelStore, RepositoryWatcher
+from serving.wire import SERVICE_NAME
 
 log = logging.getLogger("dcgan-serve")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
 class InferenceServer:
@@ -87,7 +87,8 @@ class InferenceServer:
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert:
-                port = self.server.add_secure_port(address, security.server_credentials(config.tls_cert, config.tls_key))
+                credentials = security.server_credentials(config.tls_cert, config.tls_key)
+                port = self.server.add_secure_port(address, credentials)
             else:
                 port = self.server.add_insecure_port(address)
         except RuntimeError:
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repository", help="model repository root (default: exported)")
     parser.add_argument("--host", help="bind address (default: [::])")
     parser.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="execution device (default: auto)")
+    parser.add_argument("--device", choices=DEVICES, help="execution device (default: auto)")
     parser.add_argument("--max-batch-size", type=int, help="items merged per run (default: 64)")
     parser.add_argument("--max-queue-delay-ms", type=float, help="batching window (default: 2)")
     parser.add_argument("--max-queue", type=int, help="queued requests per network (default: 256)")

@@ -16,9 +16,9 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
+
 from serving import codec
 from serving.errors import Internal, ServiceError, bounded
 from serving.metrics import ServingMetrics

@@ -307,7 +307,8 @@ class ModelStore:
             version = ready[-1]
         state = entry.versions.get(version)
         if state is None or state.loaded is None:
-            why = f"failed to load: {state.error}" if state and state.error else self._why_not_loaded(entry.name, version)
+            failed = state is not None and state.error
+            why = f"failed to load: {state.error}" if failed else self._why_not_loaded(entry.name, version)
             raise NotFound(f"model {entry.name!r} version {version} {why}; "
                            f"ready versions: {', '.join(map(str, ready)) or 'none'}")
         return state.loaded

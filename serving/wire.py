@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from dcgan.v1 import inference_pb2 as pb
 
+#: The API's full gRPC service name (health checks, reflection, Envoy's and Kubernetes' probes).
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
 MAX_TENSOR_DIMS = 8  # the API's tensors have 1 (a latent), 2 (latents, points) or 4 (images) dimensions
 MAX_ELEMENTS = 2**31 - 1  # bounds every dimension and their product (zeros counted as 1)

@@ -23,10 +23,19 @@ from PIL import Image
 from dcgan_core.repository import Repository
 from serving import jobs
 from serving.client import InferenceClient
-from serving.cluster import (Upstreams, compose_config, envoy_config, free_port, healthy_upstreams,
-                             local_cluster, start_replica, upstream_health)
+from serving.cluster import (
+    Upstreams,
+    compose_config,
+    envoy_config,
+    free_port,
+    healthy_upstreams,
+    local_cluster,
+    start_replica,
+    upstream_health,
+)
 from tests.conftest import ROOT, wait_for
 from tests.repo_faults import add_version
+
 
 def envoy_binary() -> str:
     import shutil

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from dcgan_core import images
+from tests.conftest import tiny_config
 from training import checkpoint
 from training.config import ConfigError, load_config
 from training.data import DataError, build_batches
+from training.gan_step import gan_run
 from training.metrics import class_consistency
 from training.models import Discriminator, Generator
-from training.gan_step import gan_run
-from tests.conftest import tiny_config
 
 
 def conditional(run_dir, classes: int = 3, **sections):
@@ -119,8 +119,8 @@ def test_a_conditional_run_exports_with_labels_and_loads_in_the_server(tmp_path)
 
     from dcgan_core.latents import latents
     from dcgan_core.repository import Repository
-    from training.export import export_run, load_run
     from tests.conftest import start_server
+    from training.export import export_run, load_run
 
     gan_run(conditional(tmp_path / "run", run={"max_steps": 3})).train()
     repository = Repository(tmp_path / "repo")

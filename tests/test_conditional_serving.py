@@ -75,7 +75,8 @@ def test_concurrent_requests_with_different_labels_get_their_own_results(client,
     for t in threads:
         t.join()
     assert all(np.array_equal(results[i], expected[i]) for i in expected)
-    sizes = server.metrics.registry.get_sample_value("dcgan_batch_size_count", {"model": "cond", "network": "generator"})
+    sizes = server.metrics.registry.get_sample_value("dcgan_batch_size_count",
+                                                     {"model": "cond", "network": "generator"})
     total = server.metrics.registry.get_sample_value("dcgan_batch_size_sum", {"model": "cond", "network": "generator"})
     assert total / sizes > 2  # some batches merged requests (with different labels)
 

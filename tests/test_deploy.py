@@ -128,15 +128,15 @@ def test_kubernetes_manifests_pass_the_strict_schema_check():
 
 
 def test_kubernetes_manifests_agree_with_the_server_and_envoy():
-    from serving.cluster import HEALTH_SERVICE
     from serving.server import build_parser
+    from serving.wire import SERVICE_NAME
 
     by_name = {(r["kind"], r["metadata"]["name"]): r for r in _resources()}
     pod = by_name[("Deployment", "dcgan-server")]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     args = build_parser().parse_args(container["args"])
     assert pod["terminationGracePeriodSeconds"] > args.grace_s
-    assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": HEALTH_SERVICE}
+    assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
     assert container["livenessProbe"]["grpc"]["port"] == args.port
     headless = by_name[("Service", "server")]["spec"]
     assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == args.port  # Envoy's DNS name

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_config, wait_for
 from training import checkpoint
 from training.gan_step import gan_run
-from tests.conftest import tiny_config, wait_for
 
 TINY = {"data.dataset": "synthetic", "data.synthetic_samples": 64, "model.ngf": 4, "model.ndf": 4,
         "model.latent_size": 8, "optim.batch_size": 8, "run.progress": False, "run.sample_count": 4}
@@ -68,7 +68,8 @@ def test_the_first_step_of_two_processes_is_the_one_process_step_on_the_global_b
     for network in ("generator", "discriminator"):
         for name, tensor in one.network(network).items():
             torch.testing.assert_close(two.network(network)[name], tensor, rtol=0, atol=1e-5, msg=f"{network}.{name}")
-    assert torch.equal(two.model["noise_rng"], one.model["noise_rng"])  # the noise stream does not depend on the world size
+    # the noise stream does not depend on the world size
+    assert torch.equal(two.model["noise_rng"], one.model["noise_rng"])
 
 
 def test_sigterm_on_the_job_leaves_one_complete_checkpoint(tmp_path):

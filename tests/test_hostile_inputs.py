@@ -12,19 +12,18 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from dcgan.v1 import inference_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.repository import Repository
-from serving import codec
-from serving.client import InferenceClient, InvalidArgumentError, NotFoundError
-from serving.errors import InvalidArgument, MAX_DETAILS
+from serving import codec, plans
 from serving import inputs as score_inputs
-from serving import plans
+from serving.client import InferenceClient, InvalidArgumentError, NotFoundError
+from serving.errors import MAX_DETAILS, InvalidArgument
 from serving.plans import SampleSpec
 from serving.service import resolve_encoding
 from tests.conftest import start_server

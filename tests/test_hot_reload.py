@@ -6,9 +6,9 @@ import threading
 import urllib.request
 
 import pytest
+from dcgan.v1 import inference_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dcgan.v1 import inference_pb2 as pb
 from dcgan_core.repository import Repository
 from serving.client import ClientError, InferenceClient
 from tests.conftest import start_server
@@ -19,7 +19,7 @@ def _publish_broken(repository: Repository, name: str) -> int:
     """A new version whose generator file no longer matches its manifest's sha256."""
     latest = max(repository.versions(name))
     version = latest + 1
-    staging = repository.root / name / f".staging-broken"
+    staging = repository.root / name / ".staging-broken"
     shutil.copytree(repository.version_dir(name, latest), staging)
     for path in staging.iterdir():
         path.chmod(0o644)
@@ -114,7 +114,8 @@ def test_reload_rpc_and_removed_versions(live, tiny_run):
         client.stub.ReloadModels(pb.ReloadModelsRequest())
         assert client.sample(1, seed=1).version == 1  # back to what is on disk
         health = health_pb2_grpc.HealthStub(client.channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service="tiny")).status == health_pb2.HealthCheckResponse.SERVING
+        status = health.Check(health_pb2.HealthCheckRequest(service="tiny")).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_rescan_that_ends_after_shutdown_serves_nothing_new(tiny_run, tmp_path):

@@ -16,13 +16,13 @@ import shutil
 import grpc
 import numpy as np
 import pytest
+from dcgan.v1 import inference_pb2 as pb
+from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dcgan.v1 import inference_pb2 as pb
-from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import start_server
 
 MODELS = ["", "tiny", "toy", "cond", "no-such-model"]
@@ -52,7 +52,8 @@ def png(size: int, mode: str) -> bytes:
     return buffer.getvalue()
 
 
-IMAGES = st.sampled_from([png(28, "L"), png(28, "RGB"), png(27, "L"), b"", b"\x89PNG\r\n\x1a\n"]) | st.binary(max_size=64)
+IMAGES = (st.sampled_from([png(28, "L"), png(28, "RGB"), png(27, "L"), b"", b"\x89PNG\r\n\x1a\n"])
+          | st.binary(max_size=64))
 FLOAT32_EDGES = [0.0, -0.0, 1.0, float(np.finfo(np.float32).smallest_subnormal), float(np.finfo(np.float32).tiny),
                  float(np.finfo(np.float32).max), float("inf"), float("-inf"), float("nan")]
 #: The whole float32 range (subnormals, NaN and infinities included), its edges, and tiny positive

@@ -3,8 +3,8 @@
 import csv
 import json
 import signal
-import subprocess
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,7 +61,8 @@ def test_score_job_killed_and_resumed_has_every_input_once(server, image_folder,
     assert "already done" in done.stdout
     text = output.read_text()
     assert text.endswith("\n")
-    rows = list(csv.DictReader(text.splitlines())) if suffix == ".csv" else [json.loads(l) for l in text.splitlines()]
+    lines = text.splitlines()
+    rows = list(csv.DictReader(lines)) if suffix == ".csv" else [json.loads(line) for line in lines]
     paths = [r["path"] for r in rows]
     expected = jobs.list_inputs(str(image_folder))
     assert sorted(paths) == sorted(expected) and len(paths) == len(set(paths)) == 242
@@ -140,8 +141,8 @@ def test_the_same_sample_job_twice_the_second_is_refused(server, tmp_path):
 
 def test_a_resumed_sample_job_stays_on_its_model_version(tiny_run, tmp_path):
     from dcgan_core.repository import Repository
-    from training.export import export_run
     from tests.repo_faults import add_version
+    from training.export import export_run
 
     repository = Repository(tmp_path / "repo")
     export_run(tiny_run, repository, "tiny")

@@ -10,17 +10,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from dcgan.v1 import inference_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.latents import LatentStream, interpolate, latents
-from serving import client_cli
+from serving import client_cli, plans
 from serving.client import Controls, InferenceClient, InvalidArgumentError, ResourceExhaustedError
 from serving.errors import InvalidArgument
-from serving import plans
 from serving.plans import Endpoint, SampleSpec
 from tests.conftest import start_server
 
@@ -185,7 +184,8 @@ def test_the_candidate_limit_answers_how_many_passed(client):
         client.sample(5, model="plain", seed=1, controls=Controls(min_score=0.999999))
     assert f"of {MAX_CANDIDATES} candidates scored >= min_score 0.999999, 5 were asked for" in caught.value.details
     assert "--max-candidates" in caught.value.details
-    with pytest.raises(ResourceExhaustedError, match=f"needs 500 candidates, over the server's limit of {MAX_CANDIDATES}"):
+    limit = f"needs 500 candidates, over the server's limit of {MAX_CANDIDATES}"
+    with pytest.raises(ResourceExhaustedError, match=limit):
         client.sample(50, model="plain", seed=1, controls=Controls(keep_top=0.1))
     assert len(client.sample(25, model="plain", seed=1, controls=Controls(keep_top=0.1)).images) == 25
 

@@ -6,7 +6,8 @@ import torch
 
 from training import classifier, metrics
 from training.data import toy_mixture
-from training.evaluate import EvalError, load_samples, main as eval_main
+from training.evaluate import EvalError, load_samples
+from training.evaluate import main as eval_main
 
 
 def test_frechet_distance_identical_sets_is_zero_and_grows_with_shift():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from dcgan.v1 import inference_pb2 as pb
+
 from dcgan_core.repository import Repository
 from serving.client import InferenceClient, NotFoundError
 from tests.conftest import start_server

@@ -6,16 +6,19 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from dcgan.v1 import inference_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 
-from dcgan.v1 import inference_pb2 as pb
 from dcgan_core import images
 from dcgan_core.latents import latents
-from serving.client import (DeadlineExceededError, InferenceClient, InvalidArgumentError, NotFoundError,
-                            ResourceExhaustedError)
-from serving.wire import array_to_tensor
+from serving.client import (
+    DeadlineExceededError,
+    InferenceClient,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from tests.conftest import ROOT, start_server, wait_for
 
 

@@ -8,13 +8,12 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from serving.client import InferenceClient, UnavailableError
 from tests.conftest import wait_for
-
 
 ABORTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # calls the end of a grace period cuts off
 
@@ -39,8 +38,8 @@ def _log_line(proc: subprocess.Popen, fragment: str) -> str:
 
 def _queued(metrics_port: int, model: str = "tiny") -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    line = next(l for l in text.splitlines()
-                if l.startswith(f'dcgan_queue_depth{{model="{model}",network="generator"}}'))
+    line = next(row for row in text.splitlines()
+                if row.startswith(f'dcgan_queue_depth{{model="{model}",network="generator"}}'))
     return float(line.rsplit(" ", 1)[1])
 
 

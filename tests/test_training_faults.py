@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from dcgan_core.repository import Manifest, NetworkSpec, Repository, RepositoryError, remove_stale_staging
+from tests.conftest import tiny_config, wait_for
 from training import checkpoint
 from training.cli import main as train_main
-from tests.conftest import tiny_config, wait_for
 
 RING = ["--preset", "ring", "--no-progress", "--set", "run.epochs=4", "--set", "data.toy_epoch_samples=16384",
         "--set", "run.eval_every=2", "--set", "run.checkpoint_every=16"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from dcgan_core.locking import Locked
 from training import distributed
 from training.checkpoint import CheckpointError
-from training.config import PRESETS, ConfigError, load_config, parse_override
+from training.config import PRESETS, TOY_DATASETS, ConfigError, load_config, parse_override
 from training.data import DataError
 from training.gan_step import gan_run
 from training.run_loop import TrainingDiverged
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             overrides = _overrides(args)
             if args.dry_run:  # its run directory is removed at the end unless --run-dir names one
-                is_toy = args.preset in ("ring", "grid")
+                is_toy = args.preset in TOY_DATASETS
                 dry = {k: v for k, v in DRY_RUN.items() if not (is_toy and k == "data")}
                 run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dcgan-dry-run-"))
                 overrides = [dry, {"run": {"run_dir": run_dir}}] + overrides

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcgan_core import DEVICES
 from dcgan_core.latents import SEED_MAX
 
 TOY_DATASETS = ("ring", "grid")
@@ -101,7 +102,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        d, m, o, l, r = self.data, self.model, self.optim, self.loss, self.run
+        d, m, o, loss, r = self.data, self.model, self.optim, self.loss, self.run
         _check(d.dataset in TOY_DATASETS + IMAGE_DATASETS, "data.dataset", d.dataset,
                f"one of {', '.join(TOY_DATASETS + IMAGE_DATASETS)}")
         _check(d.image_size in IMAGE_SIZES, "data.image_size", d.image_size, f"one of {IMAGE_SIZES}")
@@ -121,9 +122,9 @@ class TrainConfig:
         _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", (o.beta1, o.beta2), "in [0, 1)")
         from training.losses import LOSSES
 
-        _check(l.name in LOSSES, "loss.name", l.name, f"one of {', '.join(LOSSES)}")
-        _check(0 < l.top_k <= 1, "loss.top_k", l.top_k, "in (0, 1]")
-        _check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", l.label_smoothing, "in [0, 0.5)")
+        _check(loss.name in LOSSES, "loss.name", loss.name, f"one of {', '.join(LOSSES)}")
+        _check(0 < loss.top_k <= 1, "loss.top_k", loss.top_k, "in (0, 1]")
+        _check(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", loss.label_smoothing, "in [0, 0.5)")
         _check(0 <= r.ema_decay < 1, "run.ema_decay", r.ema_decay, "in [0, 1)")
         _check(m.d_extra_layers >= 0 and m.g_extra_layers >= 0, "model.d_extra_layers/g_extra_layers",
                (m.d_extra_layers, m.g_extra_layers), "integers >= 0")
@@ -144,7 +145,7 @@ class TrainConfig:
         _check(0 <= r.seed <= SEED_MAX, "run.seed", r.seed, f"an integer in 0..{SEED_MAX}")
         _check(bool(r.run_dir) and not Path(r.run_dir).is_file(), "run.run_dir", r.run_dir,
                "a directory (this names an existing file)")
-        _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "auto, cpu or cuda")
+        _check(r.device in DEVICES, "run.device", r.device, " or ".join(DEVICES))
         _check(r.precision in PRECISIONS, "run.precision", r.precision, ", ".join(PRECISIONS))
         return self
 

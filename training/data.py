@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
+from dcgan_core.images import IMAGE_SUFFIXES
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ MNIST_CONTENT_SHA256 = {
 }
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 IDX_DTYPES = {0x08: np.uint8}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class DataError(RuntimeError):

@@ -26,8 +26,6 @@ from training.losses import LOSSES, gradient_penalty, interpolation_shape
 from training.models import build_models, recalibrate_batchnorm
 from training.run_loop import RunContext, RunLoop
 
-METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake", "d_acc")
-
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
     """Whether to train under bf16 autocast (weights, optimizer state and exports stay fp32).
@@ -44,8 +42,6 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
 
 class GANStep:
     """G, D, the EMA generator, their optimizers and the noise stream of one GAN."""
-
-    metric_keys = METRIC_KEYS
 
     def __init__(self, config: TrainConfig, context: RunContext):
         self.config, self.device, self.world = config, context.device, context.world
@@ -237,7 +233,8 @@ class GANStep:
             self._reference = metrics.ImageReference.load(Path(self.config.data.path),
                                                           progress=self.config.run.progress)
         result = metrics.evaluate_images(samples, self._reference, labels=labels)
-        keys = ("fd", "is", "coverage_min", "coverage_max") + (("consistency", "consistency_min") if self.classes else ())
+        keys = ("fd", "is", "coverage_min", "coverage_max")
+        keys += ("consistency", "consistency_min") if self.classes else ()
         scores = {key: float(result[key]) for key in keys}
         return {**scores, "objective": scores["fd"]}
 

@@ -45,7 +45,6 @@ class RunContext:
 class Step(Protocol):
     """One optimisation step of a model, with its own state for checkpoints."""
 
-    metric_keys: tuple[str, ...]
     memory_format: torch.memory_format  # the layout the batches are given in
 
     def train(self) -> None: ...  # networks into training mode
