@@ -21,7 +21,7 @@ from pathlib import Path
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
 from serving import jobs, wire
-from serving.client import ClientError, Controls, InferenceClient
+from serving.client import ClientError, Controls, InferenceClient, InvalidArgumentError
 
 
 def _controls(args: argparse.Namespace) -> Controls:
@@ -123,7 +123,7 @@ def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
     print(f"sample-job: {summary}; PNGs in {args.out_dir}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="localhost:50051",
@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust: connect with TLS")
     parser.add_argument("--token-file", help="file holding the bearer token (needs --tls-ca)")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_commands(commands)
+    return parser
+
+
+def _add_commands(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="generate images")
     sample.add_argument("--count", type=int, default=64)
     sample.add_argument("--seed", type=int, help="same seed, same images (default: the server draws one)")
@@ -182,15 +187,25 @@ def main(argv: list[str] | None = None) -> int:
                             help="keep only samples the discriminator scores >= this probability, in (0, 1)")
         guided.add_argument("--keep-top", type=float,
                             help="keep this share of the best-scored candidates, in (0, 1)")
-    args = parser.parse_args(argv)
+
+
+COMMANDS = {"sample": _sample, "score": _score, "models": _models, "walk": _walk, "score-job": _score_job,
+            "sample-job": _sample_job}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a usage error (a bad flag or value, refused here or by the server as
+    INVALID_ARGUMENT, or an unreadable file), 1 any other failure of the call."""
+    args = build_parser().parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         patient = args.command in ("score-job", "sample-job")  # jobs wait for the server to come (back)
         with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token,
                              wait_for_ready=patient) as client:
-            commands_by_name = {"sample": _sample, "score": _score, "models": _models, "walk": _walk,
-                                "score-job": _score_job, "sample-job": _sample_job}
-            commands_by_name[args.command](client, args)
+            COMMANDS[args.command](client, args)
+    except InvalidArgumentError as exc:
+        print(f"dcgan-client: error: {exc}", file=sys.stderr)
+        return 2
     except ClientError as exc:
         print(f"dcgan-client: {exc}", file=sys.stderr)
         return 1

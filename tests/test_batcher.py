@@ -301,7 +301,7 @@ def test_handoff_delivers_a_whole_batch_to_the_event_loop_and_cancels_through():
     """Results reach their own awaiting coroutine (errors too); a cancelled wait cancels the queued request."""
     import asyncio
 
-    from serving.service import Handoff
+    from serving.handoff import Handoff
 
     run = Recorder()
     batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0.05)

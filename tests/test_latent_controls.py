@@ -388,8 +388,9 @@ def test_cli_and_sample_job_take_the_controls(server, tmp_path, capsys):
     assert (out / "seed41_0002.png").read_bytes() == expected.png[2]
     assert '"truncation": 0.5' in (out / "job.json").read_text()
     assert client_cli.main([*target, "sample", "--count", "2", "--min-score", "2", "--model", "plain",
-                            "--out", str(tmp_path / "x.png")]) == 1
+                            "--out", str(tmp_path / "x.png")]) == 2  # a usage error, refused by the server
     assert "min_score = 2.0 is out of range" in capsys.readouterr().err
+    assert client_cli.main(["--target", "127.0.0.1:1", "--timeout", "5", "models"]) == 1  # no server: not usage
 
 
 
