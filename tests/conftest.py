@@ -117,3 +117,14 @@ def wait_for(condition, timeout: float = 30.0, poll: float = 0.005) -> bool:
             return False
         time.sleep(poll)
     return True
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(mnist_dir, tmp_path_factory) -> Path:
+    """The evaluation classifier, trained as dcgan-eval trains it, in this session's temporary
+    folder: tests never write to the home directory's cache."""
+    from training import classifier
+
+    cache = tmp_path_factory.mktemp("classifier-cache")
+    classifier.load_classifier(mnist_dir, cache, progress=False)
+    return cache

@@ -141,8 +141,11 @@ def test_a_conditional_run_exports_with_labels_and_loads_in_the_server(tmp_path)
         server.stop(grace=1)
 
 
-def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnist_dir):
+def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnist_dir, classifier_cache,
+                                                                  monkeypatch):
     from training.evaluate import evaluate, load_samples
+
+    monkeypatch.setenv("DCGAN_CACHE", str(classifier_cache))
 
     gan_run(conditional(tmp_path / "run", classes=10, run={"max_steps": 2})).train()
     samples = load_samples(tmp_path / "run", 200, seed=0)
