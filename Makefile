@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
 MNIST  ?= ../shared/datasets/mnist
 
-.PHONY: setup proto test lint serve serve-cluster train-mnist train-ring bench clean api-check api-accept
+.PHONY: setup proto test test-fast lint serve serve-cluster train-mnist train-ring bench clean api-check api-accept
 
 setup: $(VENV)/.installed proto
 
@@ -32,6 +32,10 @@ api-accept: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (real server processes, torchrun, Envoy, long runs).
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,19 +29,14 @@ from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 from bench.common import interleaved, median, save  # noqa: E402
+from serving import processes  # noqa: E402
 
 SMALL_EVERY_S = 0.005
 
 
 def start_server(repository: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", repository, "--host",
-                             "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--poll-s", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    if "listening on port" not in line:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line}")
-    return proc, int(line.rsplit(" ", 1)[1])
+    return processes.start_server(["--repository", repository, "--metrics-port", "-1", "--poll-s", "0"],
+                                  stderr=subprocess.DEVNULL)
 
 
 def small_latencies_during(small_stub, big_stub, background: pb.SampleRequest | None, model: str) -> list[float]:

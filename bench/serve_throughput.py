@@ -39,6 +39,7 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from bench.common import median, save  # noqa: E402
 from dcgan_core import DEVICES  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
+from serving import processes  # noqa: E402
 from serving.runtime import OnnxNetwork  # noqa: E402
 from serving.wire import array_to_tensor  # noqa: E402
 
@@ -106,8 +107,9 @@ def costed(measure: Callable[[], Measurement], server: subprocess.Popen,
 
 
 def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    return start([sys.executable, "-m", "serving.server", "--repository", repository, "--host", "127.0.0.1",
-                  "--port", "0", "--metrics-port", "0", "--device", device, *extra])
+    proc, port = processes.start_server(["--repository", repository, "--metrics-port", "0", "--device", device,
+                                         *extra], stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    return proc, f"127.0.0.1:{port}"
 
 
 def start(command: list[str]) -> tuple[subprocess.Popen, str]:

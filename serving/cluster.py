@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from serving import processes
 from serving.wire import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,9 @@ def _terminated_with_parent() -> Callable[[], None] | None:
 
 def start_replica(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """A ``dcgan-serve`` process on a free port; returns it once it listens, with the port."""
-    process = subprocess.Popen([sys.executable, "-m", "serving.server", "--port", "0", "--host", "127.0.0.1",
-                                *args], stdout=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=_terminated_with_parent())
-    for line in process.stdout:
-        if line.startswith("dcgan-serve: listening on port "):
-            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
-            return process, int(line.rsplit(" ", 1)[1])
-    raise RuntimeError(f"dcgan-serve {' '.join(args)} exited with status {process.wait()} before listening")
+    process, port = processes.start_server(args, env=env, preexec_fn=_terminated_with_parent())
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+    return process, port
 
 
 def start_envoy(config: dict, config_path: Path, log_path: Path) -> subprocess.Popen:

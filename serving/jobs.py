@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
 from dcgan_core.images import IMAGE_SUFFIXES
+from dcgan_core.records import cut_torn_tail
 from serving.client import (
     Controls,
     DeadlineExceededError,
@@ -92,14 +93,7 @@ class ResultFile:
 
     def done(self) -> set[str]:
         """Paths already recorded; a torn last line (no newline) is cut off first."""
-        if not self.path.exists():
-            return set()
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) != len(data):
-            with self.path.open("r+b") as handle:
-                handle.truncate(len(complete))
-        text = complete.decode()
+        text = cut_torn_tail(self.path)
         if self.csv:
             return {row["path"] for row in csv.DictReader(io.StringIO(text))}
         return {json.loads(line)["path"] for line in text.splitlines() if line}

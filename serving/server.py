@@ -32,6 +32,7 @@ from serving.config import ServeConfig, ServeConfigError, load_serve_config
 from serving.decoding import DecodeErrorInterceptor
 from serving.errors import FailedPrecondition, ServiceError, Unavailable
 from serving.metrics import ServingMetrics
+from serving.processes import LISTENING
 from serving.runtime import RuntimeUnavailable, providers_for
 from serving.service import InferenceService
 from serving.servicer import InferenceServicer
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:
         print(f"dcgan-serve: error: {exc}", file=sys.stderr)
         return 2
-    print(f"dcgan-serve: listening on port {server.port}", flush=True)
+    print(f"{LISTENING}{server.port}", flush=True)
     signals.serve(server)
     server.stop()
     return 0

@@ -36,6 +36,8 @@ from serving.cluster import (
 from tests.conftest import ROOT, wait_for
 from tests.repo_faults import add_version
 
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
+
 
 def envoy_binary() -> str:
     import shutil

@@ -141,6 +141,7 @@ def test_a_conditional_run_exports_with_labels_and_loads_in_the_server(tmp_path)
         server.stop(grace=1)
 
 
+@pytest.mark.slow  # trains the evaluation classifier
 def test_dcgan_eval_scores_class_consistency_of_a_conditional_run(tmp_path, mnist_dir, classifier_cache,
                                                                   monkeypatch):
     from training.evaluate import evaluate, load_samples

@@ -17,6 +17,8 @@ from tests.conftest import tiny_config, wait_for
 from training import checkpoint
 from training.gan_step import gan_run
 
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
+
 TINY = {"data.dataset": "synthetic", "data.synthetic_samples": 64, "model.ngf": 4, "model.ndf": 4,
         "model.latent_size": 8, "optim.batch_size": 8, "run.progress": False, "run.sample_count": 4}
 TOY = {"data.dataset": "ring", "data.toy_epoch_samples": 64, "model.toy_hidden": 16, "model.toy_layers": 2,

@@ -169,6 +169,7 @@ def test_a_resumed_sample_job_stays_on_its_model_version(tiny_run, tmp_path):
             server.stop(grace=1)
 
 
+@pytest.mark.slow
 def test_a_job_waits_for_a_server_that_is_not_there_yet(serving_repo, image_folder, tmp_path):
     with socket.socket() as probe:  # a free port, where the server will come up later
         probe.bind(("127.0.0.1", 0))

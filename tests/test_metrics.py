@@ -72,6 +72,7 @@ def monkeypatch_module():
         yield patch
 
 
+@pytest.mark.slow
 def test_eval_cli_on_tiny_generator_and_its_samples(tiny_run, mnist_dir, quick_classifier_cache, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert eval_main([str(tiny_run), "--count", "500", "--data-dir", str(mnist_dir), "--json", str(out)]) == 0
@@ -101,6 +102,7 @@ def test_eval_cli_toy_and_errors(tiny_toy_run, tmp_path, capsys):
         load_samples(tmp_path, 10, 0)
 
 
+@pytest.mark.slow
 def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, quick_classifier_cache):
     from dcgan_core.repository import Repository
     from tests.conftest import tiny_config

@@ -19,8 +19,11 @@ from dcgan.v1 import inference_pb2 as pb
 
 from dcgan_core.repository import Repository
 from serving.client import InferenceClient, NotFoundError
+from serving.processes import port_of, spawn_server
 from tests.conftest import start_server
 from tests.repo_faults import BROKEN, add_version, finish_copy, missing_networks, repair
+
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
 
 FAILED, READY = pb.VERSION_STATE_FAILED, pb.VERSION_STATE_READY
 
@@ -38,18 +41,9 @@ def _states(client: InferenceClient, model: str) -> dict[int, tuple[int, str]]:
     return {v.version: (v.state, v.error) for v in client.get_model(model).versions}
 
 
-def _start_process(repository: Path, *flags: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", str(repository),
-                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _port_of(proc: subprocess.Popen) -> int:
-    line = proc.stdout.readline()
-    if "listening on port" not in line:
-        proc.kill()
-        pytest.fail(f"server did not start: {line}{proc.stderr.read()}")
-    return int(line.rsplit(" ", 1)[1])
+def _start_process(repository: Path, *flags: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    return spawn_server(["--repository", str(repository), "--metrics-port", "-1", *flags], prefix,
+                        stderr=subprocess.PIPE)
 
 
 def _stderr_until(proc: subprocess.Popen, fragment: str) -> str:
@@ -75,7 +69,7 @@ def test_broken_versions_at_start_up_are_failed_and_the_good_one_serves(serving_
     broken = {add_version(repository, "tiny", mutate): (kind, reason) for kind, (mutate, reason) in BROKEN.items()}
     proc = _start_process(repository.root, "--poll-s", "0")
     try:
-        with InferenceClient(f"127.0.0.1:{_port_of(proc)}") as client:
+        with InferenceClient(f"127.0.0.1:{port_of(proc)}") as client:
             assert client.sample(2, seed=1).version == 1
             assert client.sample(2, model="toy", seed=1).images.shape == (2, 2)
             states = _states(client, "tiny")
@@ -130,7 +124,7 @@ def test_a_half_copied_version_is_retried_on_sighup(serving_repo, tmp_path):
     repository = _repository(serving_repo, tmp_path, models=("tiny",))
     proc = _start_process(repository.root, "--poll-s", "0")
     try:
-        with InferenceClient(f"127.0.0.1:{_port_of(proc)}") as client:
+        with InferenceClient(f"127.0.0.1:{port_of(proc)}") as client:
             version = add_version(repository, "tiny", missing_networks)
             proc.send_signal(signal.SIGHUP)
             _stderr_until(proc, "reload done")
@@ -188,12 +182,9 @@ def test_unreadable_version_and_repository_folders(serving_repo, tmp_path):
     repository = _repository(serving_repo, tmp_path, models=("tiny",))
     version = add_version(repository, "tiny")
     repository.version_dir("tiny", version).chmod(0o000)
-    proc = subprocess.Popen([*_without_permission_override(), sys.executable, "-m", "serving.server",
-                             "--repository", str(repository.root), "--host", "127.0.0.1", "--port", "0",
-                             "--metrics-port", "-1", "--poll-s", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_process(repository.root, "--poll-s", "0", prefix=tuple(_without_permission_override()))
     try:
-        with InferenceClient(f"127.0.0.1:{_port_of(proc)}") as client:
+        with InferenceClient(f"127.0.0.1:{port_of(proc)}") as client:
             state, error = _states(client, "tiny")[version]
             assert state == FAILED and "Permission denied" in error
             assert client.sample(1, seed=1).version == 1
@@ -243,7 +234,7 @@ def test_sighup_during_start_up_does_not_kill_the_server(serving_repo):
     try:
         _stderr_until(proc, "starting: loading models")
         proc.send_signal(signal.SIGHUP)  # the models are still loading
-        port = _port_of(proc)
+        port = port_of(proc)
         _stderr_until(proc, "reload done")  # the remembered reload ran once the server was up
         with InferenceClient(f"127.0.0.1:{port}") as client:
             assert client.sample(1, seed=1).version == 1

@@ -13,20 +13,16 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.client import InferenceClient, UnavailableError
+from serving.processes import start_server
 from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
 
 ABORTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # calls the end of a grace period cuts off
 
 
 def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", str(serving_repo),
-                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "listening on port" not in line:
-        proc.kill()
-        pytest.fail(f"server did not start: {line}{proc.stderr.read()}")
-    return proc, int(line.rsplit(" ", 1)[1])
+    return start_server(["--repository", str(serving_repo), "--metrics-port", "0", *flags], stderr=subprocess.PIPE)
 
 
 def _log_line(proc: subprocess.Popen, fragment: str) -> str:

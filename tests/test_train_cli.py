@@ -9,6 +9,8 @@ from PIL import Image
 
 from training.cli import main
 
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
+
 TINY = ["--set", "model.ngf=4", "--set", "model.ndf=4", "--set", "optim.batch_size=16", "--no-progress"]
 
 

@@ -23,6 +23,8 @@ from tests.conftest import tiny_config, wait_for
 from training import checkpoint
 from training.cli import main as train_main
 
+pytestmark = pytest.mark.slow  # real processes (servers, torchrun, Envoy) or long training runs
+
 RING = ["--preset", "ring", "--no-progress", "--set", "run.epochs=4", "--set", "data.toy_epoch_samples=16384",
         "--set", "run.eval_every=2", "--set", "run.checkpoint_every=16"]
 

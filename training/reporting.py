@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dcgan_core import images  # noqa: E402
+from dcgan_core import images, records  # noqa: E402
 from dcgan_core.atomic import atomic_write_bytes  # noqa: E402
 
 
@@ -27,19 +26,11 @@ class MetricsLog:
         self._handle = path.open("a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                break  # a torn last line from a hard kill
-        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+        if self.path.exists():
+            records.rewrite_jsonl(self.path, [r for r in records.read_jsonl(self.path) if r["step"] <= step])
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._handle.write(records.jsonl_line(record))
 
     def flush(self) -> None:
         self._handle.flush()
@@ -51,20 +42,12 @@ class MetricsLog:
 def record_evaluation(path: Path, record: dict[str, Any]) -> None:
     """Add one evaluation to ``eval.jsonl``, replacing records of the same or later epochs (left by
     a run that crashed after evaluating and is now redoing that epoch). Written atomically."""
-    kept = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["epoch"] < record["epoch"]:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn line
-    kept.append(json.dumps(record))
-    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+    kept = [r for r in records.read_jsonl(path) if r["epoch"] < record["epoch"]]
+    records.rewrite_jsonl(path, [*kept, record])
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return records.read_jsonl(path)
 
 
 def _save_figure(fig: plt.Figure, path: Path) -> None:
