@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcgan_core import DEVICES
+from dcgan_core import DEVICES, settings
+from dcgan_core.settings import SettingsError, setting
 
 
-class ServeConfigError(ValueError):
-    pass
+class ServeConfigError(SettingsError):
+    """A server setting that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -51,31 +50,36 @@ class VersionPolicy:
 
 @dataclass
 class ServeConfig:
-    repository: str = "exported"
-    host: str = "[::]"
-    port: int = 50051
-    device: str = "auto"  # auto | cuda | cpu
-    max_batch_size: int = 64  # items merged into one run by the dynamic batcher
-    max_queue_delay_ms: float = 2.0  # how long the oldest queued request may wait for company
-    max_queue: int = 256  # queued requests per network before RESOURCE_EXHAUSTED
-    batching: bool = True  # false: every request runs alone
-    max_count: int = 1024  # samples per Sample request (SampleStream: per request too)
-    max_score_images: int = 1024  # images per Score request
-    max_candidates: int = 8192  # candidates one discriminator-guided Sample request may draw
-    max_message_mb: int = 64  # gRPC send/receive limit
-    stream_chunk_size: int = 256  # SampleStream default chunk
-    grace_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
-    max_concurrent_rpcs: int = 0  # calls in progress at once; more get RESOURCE_EXHAUSTED (0: no limit)
-    batch_workers: int = 0  # threads running batches per network (0: one per CPU core; 1 on CUDA)
-    ort_threads: int = 0  # onnxruntime intra-op threads per session (0: 1 with several workers, else its default)
-    metrics_port: int = 8000  # Prometheus /metrics over HTTP (0: a free port, -1: off)
-    metrics_host: str = ""  # its bind address ("": the gRPC host's, so --host 127.0.0.1 keeps it local)
-    version_policy: str = "latest:1"  # all | latest:N | specific:V1,V2 (Triton's policies)
-    version_policies: dict = field(default_factory=dict)  # per model name, overrides version_policy
-    poll_s: float = 2.0  # repository rescan interval (0: only on SIGHUP / ReloadModels)
-    tls_cert: str = ""  # PEM certificate chain; with tls_key, the server speaks TLS only
-    tls_key: str = ""
-    auth_token_file: str = ""  # file holding the bearer token clients must send (needs TLS)
+    """Every setting of dcgan-serve: flags, the TOML file (--config) and their defaults, declared once."""
+
+    repository: str = setting("exported", "model repository root")
+    host: str = setting("[::]", "bind address")
+    port: int = setting(50051, "port (0 picks a free one)")
+    device: str = setting("auto", "execution device", choices=DEVICES)
+    max_batch_size: int = setting(64, "rows merged into one run by the dynamic batcher; larger requests run "
+                                      "a batch at a time")
+    max_queue_delay_ms: float = setting(2.0, "batching window: how long the oldest queued request waits for company")
+    max_queue: int = setting(256, "queued requests per network before RESOURCE_EXHAUSTED")
+    batching: bool = setting(True, "run every request alone")
+    max_count: int = setting(1024, "samples per Sample request (SampleStream: per request too)")
+    max_score_images: int = setting(1024, "images per Score request")
+    max_candidates: int = setting(8192, "candidates one discriminator-guided Sample request may draw")
+    max_message_mb: int = setting(64, "gRPC message size limit")
+    stream_chunk_size: int = setting(256, "SampleStream's default chunk", flag=False)
+    grace_s: float = setting(10.0, "shutdown grace period: in-flight calls get this long to finish on SIGTERM")
+    max_concurrent_rpcs: int = setting(0, "calls in progress at once, more get RESOURCE_EXHAUSTED (0: no limit)")
+    batch_workers: int = setting(0, "threads running batches per network (0: one per CPU core, 1 on CUDA)")
+    ort_threads: int = setting(0, "onnxruntime intra-op threads per session (0: 1 with several workers, "
+                                  "else onnxruntime's choice)")
+    metrics_port: int = setting(8000, "Prometheus metrics port (0: a free port, -1: off)")
+    metrics_host: str = setting("", "metrics bind address (default: the --host address, so a local server "
+                                    "keeps its metrics local)")
+    version_policy: str = setting("latest:1", "all | latest:N | specific:V1,V2 (Triton's policies)")
+    version_policies: dict = setting({}, "per model name, overrides version_policy", flag=False)
+    poll_s: float = setting(2.0, "repository rescan interval (0: only on SIGHUP and ReloadModels)")
+    tls_cert: str = setting("", "PEM certificate (chain) for TLS; with --tls-key the server speaks TLS only")
+    tls_key: str = setting("", "PEM private key for TLS")
+    auth_token_file: str = setting("", "require 'authorization: Bearer <token>' (token in this file; needs TLS)")
 
     @property
     def max_message_bytes(self) -> int:
@@ -110,23 +114,10 @@ class ServeConfig:
 
 
 def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
-    """Defaults, then the TOML file's top-level keys, then non-None overrides."""
+    """Defaults, then the TOML file's top-level keys, then non-None overrides (flags)."""
     config = ServeConfig()
-    names = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    values: dict[str, Any] = {}
     if path is not None:
-        try:
-            values.update(tomllib.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ServeConfigError(f"cannot read config file {path}: {exc}") from None
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key, value in values.items():
-        if key not in names:
-            raise ServeConfigError(f"unknown setting {key!r}; settings are {', '.join(names)}")
-        kind = type(getattr(config, key))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not kind:
-            raise ServeConfigError(f"{key} = {value!r} must be {kind.__name__}")
-        setattr(config, key, value)
+        settings.apply(config, settings.read_toml(path, ServeConfigError), str(path), error=ServeConfigError)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    settings.apply(config, flags, "command line", error=ServeConfigError)
     return config.validate()

@@ -25,7 +25,7 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dcgan_core import DEVICES
+from dcgan_core import settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
 from serving.config import ServeConfig, ServeConfigError, load_serve_config
@@ -175,35 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (flags win)")
-    parser.add_argument("--repository", help="model repository root (default: exported)")
-    parser.add_argument("--host", help="bind address (default: [::])")
-    parser.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
-    parser.add_argument("--device", choices=DEVICES, help="execution device (default: auto)")
-    parser.add_argument("--max-batch-size", type=int, help="items merged per run (default: 64)")
-    parser.add_argument("--max-queue-delay-ms", type=float, help="batching window (default: 2)")
-    parser.add_argument("--max-queue", type=int, help="queued requests per network (default: 256)")
-    parser.add_argument("--no-batching", dest="batching", action="store_const", const=False,
-                        help="run every request alone")
-    parser.add_argument("--max-count", type=int, help="samples per request (default: 1024)")
-    parser.add_argument("--max-score-images", type=int, help="images per Score request (default: 1024)")
-    parser.add_argument("--max-candidates", type=int,
-                        help="candidates one discriminator-guided Sample request may draw (default: 8192)")
-    parser.add_argument("--batch-workers", type=int,
-                        help="threads running batches per network (default: 0 = one per CPU core, 1 on CUDA)")
-    parser.add_argument("--ort-threads", type=int,
-                        help="onnxruntime intra-op threads per session (default: 0 = 1 with several "
-                             "workers, else onnxruntime's choice)")
-    parser.add_argument("--max-concurrent-rpcs", type=int,
-                        help="calls in progress at once, more get RESOURCE_EXHAUSTED (default: 0, no limit)")
-    parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
-    parser.add_argument("--grace-s", type=float, help="shutdown grace period (default: 10)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: 8000; -1: off)")
-    parser.add_argument("--metrics-host", help="metrics bind address (default: the --host address)")
-    parser.add_argument("--tls-cert", help="PEM certificate (chain) for TLS")
-    parser.add_argument("--tls-key", help="PEM private key for TLS")
-    parser.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' (token in this file)")
-    parser.add_argument("--version-policy", help="all | latest:N | specific:V1,V2 (default: latest:1)")
-    parser.add_argument("--poll-s", type=float, help="repository rescan interval, 0 = only on SIGHUP (default: 2)")
+    settings.add_flags(parser, ServeConfig)
     return parser
 
 

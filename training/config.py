@@ -4,13 +4,13 @@ It travels unchanged from ``dcgan-train`` into the trainer, the checkpoint and t
 """
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcgan_core import DEVICES
+from dcgan_core import DEVICES, settings
 from dcgan_core.latents import SEED_MAX
+from dcgan_core.settings import SettingsError
 
 TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
@@ -19,7 +19,7 @@ LR_DECAYS = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A configuration that cannot run; the message names the key and what was expected."""
 
 
@@ -213,43 +213,7 @@ PRESETS["mnist-cond"] = {
 
 def apply(config: TrainConfig, values: dict[str, Any], origin: str) -> None:
     """Set ``{section: {key: value}}`` on ``config``; unknown keys and wrong types are errors."""
-    for section_name, section_values in values.items():
-        section = getattr(config, section_name, None)
-        if not dataclasses.is_dataclass(section) or not isinstance(section_values, dict):
-            sections = ", ".join(f.name for f in dataclasses.fields(config))
-            raise ConfigError(f"{origin}: unknown section [{section_name}]; sections are {sections}")
-        for key, value in section_values.items():
-            setattr(section, key, _coerce(section, section_name, key, value, origin))
-
-
-def _coerce(section: Any, section_name: str, key: str, value: Any, origin: str) -> Any:
-    names = [f.name for f in dataclasses.fields(section)]
-    if key not in names:
-        raise ConfigError(f"{origin}: unknown key {section_name}.{key}; "
-                          f"keys of [{section_name}] are {', '.join(names)}")
-    current = getattr(section, key)
-    kind = type(current)
-    if isinstance(value, str) and kind is not str:
-        value = _parse_text(value, kind, f"{section_name}.{key}", origin)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not kind:
-        raise ConfigError(f"{origin}: {section_name}.{key} = {value!r} must be {kind.__name__}")
-    return value
-
-
-def _parse_text(text: str, kind: type, key: str, origin: str) -> Any:
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-    else:
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise ConfigError(f"{origin}: {key} = {text!r} is not a valid {kind.__name__}")
+    settings.apply(config, values, origin, error=ConfigError)
 
 
 def parse_override(text: str) -> dict[str, dict[str, str]]:
@@ -270,14 +234,7 @@ def load_config(preset: str | None = None, config_file: Path | None = None,
             raise ConfigError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
         apply(config, PRESETS[preset], f"preset {preset}")
     if config_file is not None:
-        try:
-            text = config_file.read_text(encoding="utf-8")
-            apply(config, tomllib.loads(text), str(config_file))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not UTF-8 text (byte {exc.start}): "
-                              f"is it a TOML file?") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        apply(config, settings.read_toml(config_file, ConfigError), str(config_file))
     for override in overrides:
         apply(config, override, "command line")
     return config.validate()
