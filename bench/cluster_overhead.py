@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model, interleaved, median, save  # noqa: E402
-from serving.client import InferenceClient  # noqa: E402
+from serving.client.library import InferenceClient  # noqa: E402
 from serving.cluster import Upstreams, envoy_config, free_port, start_envoy, start_replica, wait_healthy  # noqa: E402
 
 

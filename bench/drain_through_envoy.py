@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model, save  # noqa: E402
 from serving import cluster  # noqa: E402
-from serving.client import ClientError, InferenceClient  # noqa: E402
+from serving.client.library import ClientError, InferenceClient  # noqa: E402
 
 
 def trial(repository: str, model: str, counts: collections.Counter) -> None:

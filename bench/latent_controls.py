@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, cpu_model, save  # noqa: E402
 from dcgan_core import images  # noqa: E402
-from serving.client import Controls, InferenceClient  # noqa: E402
-from serving.config import ServeConfig  # noqa: E402
-from serving.server import InferenceServer  # noqa: E402
+from serving.client.library import Controls, InferenceClient  # noqa: E402
+from serving.server.app import InferenceServer  # noqa: E402
+from serving.server.config import ServeConfig  # noqa: E402
 from training import metrics  # noqa: E402
 
 TRUNCATIONS = [0.5, 1.0, 1.5, 2.0, None]

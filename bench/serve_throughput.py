@@ -40,7 +40,7 @@ from bench.common import median, save  # noqa: E402
 from dcgan_core import DEVICES  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
-from serving.runtime import OnnxNetwork  # noqa: E402
+from serving.server.runtime import OnnxNetwork  # noqa: E402
 from serving.wire import array_to_tensor  # noqa: E402
 
 Measurement = tuple[float, list[float]]  # (items per second, per-call latencies in seconds)

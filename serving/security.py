@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from serving.config import ServeConfigError
+from serving.server.config import ServeConfigError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 

@@ -91,15 +91,15 @@ def conditional_repo(tmp_path_factory, tiny_run):
 @pytest.fixture()
 def client(server):
     """A client of the module's ``server`` fixture (each serving test module starts its own)."""
-    from serving.client import InferenceClient
+    from serving.client.library import InferenceClient
 
     with InferenceClient(f"127.0.0.1:{server.port}", timeout=30) as client:
         yield client
 
 
 def start_server(repository: Path, **settings):
-    from serving.config import ServeConfig
-    from serving.server import InferenceServer
+    from serving.server.app import InferenceServer
+    from serving.server.config import ServeConfig
 
     config = ServeConfig(**{"repository": str(repository), "host": "127.0.0.1", "port": 0, "metrics_port": 0,
                             **settings}).validate()

@@ -5,7 +5,7 @@ from concurrent.futures import CancelledError, Future
 import numpy as np
 import pytest
 
-from serving.batcher import DynamicBatcher, Expired, QueueFull, Stopped
+from serving.server.batcher import DynamicBatcher, Expired, QueueFull, Stopped
 
 
 class Recorder:
@@ -286,8 +286,8 @@ def test_stop_fails_what_is_queued_and_returns_only_after_the_running_batch():
 def test_execution_plan_and_its_settings():
     import os
 
-    from serving.config import ServeConfigError, load_serve_config
-    from serving.runtime import execution_plan
+    from serving.server.config import ServeConfigError, load_serve_config
+    from serving.server.runtime import execution_plan
 
     cores = len(os.sched_getaffinity(0))
     assert execution_plan("cpu") == (cores, 1 if cores > 1 else 0)  # single-threaded workers, one per core
@@ -301,7 +301,7 @@ def test_handoff_delivers_a_whole_batch_to_the_event_loop_and_cancels_through():
     """Results reach their own awaiting coroutine (errors too); a cancelled wait cancels the queued request."""
     import asyncio
 
-    from serving.handoff import Handoff
+    from serving.server.handoff import Handoff
 
     run = Recorder()
     batcher = DynamicBatcher(run, max_batch_size=64, max_queue_delay_s=0.05)
@@ -340,10 +340,10 @@ def test_the_service_answers_from_one_event_loop_after_another(serving_repo):
     import asyncio
 
     from dcgan_core.repository import Repository
-    from serving.config import ServeConfig
-    from serving.plans import SampleSpec
-    from serving.service import Call, InferenceService
-    from serving.store import ModelStore
+    from serving.server.config import ServeConfig
+    from serving.server.plans import SampleSpec
+    from serving.server.service import Call, InferenceService
+    from serving.server.store import ModelStore
 
     config = ServeConfig(repository=str(serving_repo)).validate()
     store = ModelStore(Repository(serving_repo), config)

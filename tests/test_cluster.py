@@ -21,8 +21,8 @@ import yaml
 from PIL import Image
 
 from dcgan_core.repository import Repository
-from serving import jobs
-from serving.client import InferenceClient
+from serving.client import jobs
+from serving.client.library import InferenceClient
 from serving.cluster import (
     Upstreams,
     compose_config,
@@ -231,7 +231,7 @@ def test_a_killed_cluster_takes_its_replicas_and_envoy_with_it(repository, tmp_p
 
 
 def test_several_targets_must_be_addresses():
-    from serving.client import resolve_target
+    from serving.client.library import resolve_target
 
     assert resolve_target("127.0.0.1:1,127.0.0.1:2")[0] == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert resolve_target("[::1]:1,[::1]:2")[0] == "ipv6:[::1]:1,[::1]:2"

@@ -11,7 +11,7 @@ import pytest
 
 from dcgan_core.latents import latents
 from dcgan_core.repository import Repository
-from serving.client import InferenceClient, InvalidArgumentError
+from serving.client.library import InferenceClient, InvalidArgumentError
 from tests.conftest import start_server
 
 
@@ -108,7 +108,7 @@ def test_the_cli_samples_a_class_a_per_class_grid_and_scores_a_class(server, cli
     from PIL import Image
 
     from dcgan_core import images
-    from serving.client_cli import main
+    from serving.client.cli import main
 
     target = ["--target", f"127.0.0.1:{server.port}"]
     assert main([*target, "sample", "--model", "cond", "--per-class", "4", "--seed", "1",

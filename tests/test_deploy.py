@@ -49,11 +49,11 @@ def test_dockerfiles_use_official_bases_and_copy_existing_paths(service):
 
 
 def test_server_command_is_accepted_by_the_server_cli():
-    from serving.server import build_parser
+    from serving.server.app import build_parser
 
     _, text = _dockerfile("server")
     assert 'ENTRYPOINT ["python", "-m", "serving.server"]' in text
-    importlib.import_module("serving.server")
+    importlib.import_module("serving.server.app")
     command = SERVICES["server"]["command"]
     args = build_parser().parse_args(command)
     assert args.repository == "/models"
@@ -73,8 +73,8 @@ def test_ports_agree_between_server_envoy_healthcheck_and_prometheus():
     assert upstream["address"]["socket_address"] == {"address": "server", "port_value": int(grpc_port)}
     assert "./deploy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in SERVICES["envoy"]["volumes"]
     probe = server["healthcheck"]["test"]
-    assert probe[:4] == ["CMD", "python", "-m", "serving.healthcheck"]
-    from serving.healthcheck import main  # noqa: F401  (the probe's module exists)
+    assert probe[:4] == ["CMD", "python", "-m", "serving.client.healthcheck"]
+    from serving.client.healthcheck import main  # noqa: F401  (the probe's module exists)
 
     assert _flag(probe, "--target").endswith(f":{grpc_port}")
     scrape = yaml.safe_load((ROOT / "serving" / "prometheus.yml").read_text())
@@ -128,7 +128,7 @@ def test_kubernetes_manifests_pass_the_strict_schema_check():
 
 
 def test_kubernetes_manifests_agree_with_the_server_and_envoy():
-    from serving.server import build_parser
+    from serving.server.app import build_parser
     from serving.wire import SERVICE_NAME
 
     by_name = {(r["kind"], r["metadata"]["name"]): r for r in _resources()}
@@ -141,7 +141,7 @@ def test_kubernetes_manifests_agree_with_the_server_and_envoy():
     headless = by_name[("Service", "server")]["spec"]
     assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == args.port  # Envoy's DNS name
     hpa = by_name[("HorizontalPodAutoscaler", "dcgan-server")]["spec"]
-    from serving.metrics import ServingMetrics
+    from serving.server.metrics import ServingMetrics
 
     gauge = hpa["metrics"][0]["pods"]["metric"]["name"]
     assert any(m.name == gauge for m in ServingMetrics().registry.collect())

@@ -20,12 +20,12 @@ from PIL import Image
 
 from dcgan_core import images
 from dcgan_core.repository import Repository
-from serving import codec, plans
-from serving import inputs as score_inputs
-from serving.client import InferenceClient, InvalidArgumentError, NotFoundError
-from serving.errors import MAX_DETAILS, InvalidArgument
-from serving.plans import SampleSpec
-from serving.service import resolve_encoding
+from serving.client.library import InferenceClient, InvalidArgumentError, NotFoundError
+from serving.server import codec, plans
+from serving.server import inputs as score_inputs
+from serving.server.errors import MAX_DETAILS, InvalidArgument
+from serving.server.plans import SampleSpec
+from serving.server.service import resolve_encoding
 from tests.conftest import start_server
 
 #: What a request may legitimately get besides OK (the .proto's list, less INTERNAL and UNKNOWN).

@@ -10,7 +10,7 @@ from dcgan.v1 import inference_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dcgan_core.repository import Repository
-from serving.client import ClientError, InferenceClient
+from serving.client.library import ClientError, InferenceClient
 from tests.conftest import start_server
 from training.export import export_run
 
@@ -121,8 +121,8 @@ def test_reload_rpc_and_removed_versions(live, tiny_run):
 def test_a_rescan_that_ends_after_shutdown_serves_nothing_new(tiny_run, tmp_path):
     """A SIGHUP or ReloadModels rescan still loading when the server closes its store must not
     publish what it loaded: its batchers would outlive the shutdown."""
-    from serving.config import ServeConfig
-    from serving.store import ModelStore
+    from serving.server.config import ServeConfig
+    from serving.server.store import ModelStore
 
     repository = Repository(tmp_path / "repo")
     export_run(tiny_run, repository, "tiny")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dcgan_core import images
-from serving import jobs
-from serving.client import InferenceClient
+from serving.client import jobs
+from serving.client.library import InferenceClient
 from tests.conftest import start_server, wait_for
 
 
@@ -36,7 +36,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def _cli(server, *args) -> list[str]:
-    return [sys.executable, "-m", "serving.client_cli", "--target", f"127.0.0.1:{server.port}", *args]
+    return [sys.executable, "-m", "serving.client.cli", "--target", f"127.0.0.1:{server.port}", *args]
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
@@ -175,7 +175,7 @@ def test_a_job_waits_for_a_server_that_is_not_there_yet(serving_repo, image_fold
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     output = tmp_path / "scores.csv"
-    args = [sys.executable, "-m", "serving.client_cli", "--target", f"127.0.0.1:{port}", "--timeout", "5",
+    args = [sys.executable, "-m", "serving.client.cli", "--target", f"127.0.0.1:{port}", "--timeout", "5",
             "score-job", "--input", str(image_folder / "img_00*.png"), "--output", str(output), "--no-progress",
             "--wait-s", "120"]
     job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,10 +17,11 @@ from PIL import Image
 
 from dcgan_core import images
 from dcgan_core.latents import LatentStream, interpolate, latents
-from serving import client_cli, plans
-from serving.client import Controls, InferenceClient, InvalidArgumentError, ResourceExhaustedError
-from serving.errors import InvalidArgument
-from serving.plans import Endpoint, SampleSpec
+from serving.client import cli as client_cli
+from serving.client.library import Controls, InferenceClient, InvalidArgumentError, ResourceExhaustedError
+from serving.server import plans
+from serving.server.errors import InvalidArgument
+from serving.server.plans import Endpoint, SampleSpec
 from tests.conftest import start_server
 
 MAX_CANDIDATES = 256
@@ -220,7 +221,7 @@ def _proto_keep_top_candidates(count: int, keep_top: float) -> int:
 def test_the_server_computes_keep_top_candidates_as_the_proto_states(count, keep_top):
     import math
 
-    from serving.plans import keep_top_share
+    from serving.server.plans import keep_top_share
 
     assert math.ceil(count / keep_top_share(keep_top)) == _proto_keep_top_candidates(count, keep_top)
 

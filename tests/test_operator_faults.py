@@ -18,7 +18,7 @@ import pytest
 from dcgan.v1 import inference_pb2 as pb
 
 from dcgan_core.repository import Repository
-from serving.client import InferenceClient, NotFoundError
+from serving.client.library import InferenceClient, NotFoundError
 from serving.processes import port_of, spawn_server
 from tests.conftest import start_server
 from tests.repo_faults import BROKEN, add_version, finish_copy, missing_networks, repair

@@ -9,8 +9,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from serving import security
-from serving.client import InferenceClient, InvalidArgumentError, UnauthenticatedError, UnavailableError
-from serving.config import ServeConfigError, load_serve_config
+from serving.client.library import InferenceClient, InvalidArgumentError, UnauthenticatedError, UnavailableError
+from serving.server.config import ServeConfigError, load_serve_config
 from tests.conftest import start_server
 
 

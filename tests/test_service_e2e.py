@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dcgan_core import images
 from dcgan_core.latents import latents
-from serving.client import (
+from serving.client.library import (
     DeadlineExceededError,
     InferenceClient,
     InvalidArgumentError,

@@ -12,7 +12,7 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.client import InferenceClient, UnavailableError
+from serving.client.library import InferenceClient, UnavailableError
 from serving.processes import start_server
 from tests.conftest import wait_for
 
@@ -117,9 +117,9 @@ def test_closing_the_store_leaves_no_batch_running_even_for_a_held_version(servi
     must still stop its batchers and wait for the batch inside onnxruntime, or the interpreter
     exits under it and the process aborts."""
     from dcgan_core.repository import Repository
-    from serving.batcher import Stopped
-    from serving.config import ServeConfig
-    from serving.store import ModelStore
+    from serving.server.batcher import Stopped
+    from serving.server.config import ServeConfig
+    from serving.server.store import ModelStore
 
     config = ServeConfig(repository=str(serving_repo), max_batch_size=1024).validate()
     store = ModelStore(Repository(serving_repo), config)

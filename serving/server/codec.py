@@ -8,10 +8,10 @@ from dcgan.v1 import inference_pb2 as pb
 
 from dcgan_core import images
 from serving import wire
-from serving.errors import InvalidArgument
-from serving.inputs import ScoreSpec
-from serving.plans import Endpoint, SampleSpec, WalkSpec
-from serving.service import ModelCard, SampleResult, ScoreResult, probabilities
+from serving.server.errors import InvalidArgument
+from serving.server.inputs import ScoreSpec
+from serving.server.plans import Endpoint, SampleSpec, WalkSpec
+from serving.server.service import ModelCard, SampleResult, ScoreResult, probabilities
 
 VERSION_STATES = {"READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED,
                   "UNLOADED": pb.VERSION_STATE_UNLOADED}

@@ -19,10 +19,10 @@ import grpc
 from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 
-from serving import codec
-from serving.errors import Internal, ServiceError, bounded
-from serving.metrics import ServingMetrics
-from serving.service import Call, InferenceService, SampleResult
+from serving.server import codec
+from serving.server.errors import Internal, ServiceError, bounded
+from serving.server.metrics import ServingMetrics
+from serving.server.service import Call, InferenceService, SampleResult
 
 log = logging.getLogger(__name__)
 NO_DEADLINE_S = 10**7  # grpc reports "no deadline" as an enormous time_remaining()

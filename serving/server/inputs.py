@@ -13,7 +13,7 @@ import numpy as np
 
 from dcgan_core import images
 from dcgan_core.repository import Manifest
-from serving.errors import InvalidArgument
+from serving.server.errors import InvalidArgument
 
 IMAGE_RANGE_SLACK = 1e-3  # float32 images may exceed [-1, 1] by rounding, not more
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from dcgan_core import DEVICES
 from dcgan_core.repository import NetworkSpec, RepositoryError
-from serving.batcher import Inputs
+from serving.server.batcher import Inputs
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"

@@ -30,7 +30,7 @@ from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
 from dcgan_core.images import IMAGE_SUFFIXES
 from dcgan_core.records import cut_torn_tail
-from serving.client import (
+from serving.client.library import (
     Controls,
     DeadlineExceededError,
     InferenceClient,

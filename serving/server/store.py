@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dcgan_core.repository import MANIFEST_NAME, Fingerprint, Manifest, Repository, RepositoryError
-from serving.batcher import BatchStats, DynamicBatcher
-from serving.config import ServeConfig
-from serving.errors import InvalidArgument, NotFound, quoted
-from serving.metrics import ServingMetrics
-from serving.runtime import OnnxNetwork, execution_plan
+from serving.server.batcher import BatchStats, DynamicBatcher
+from serving.server.config import ServeConfig
+from serving.server.errors import InvalidArgument, NotFound, quoted
+from serving.server.metrics import ServingMetrics
+from serving.server.runtime import OnnxNetwork, execution_plan
 
 log = logging.getLogger(__name__)
 READY, FAILED = "READY", "FAILED"

@@ -1,7 +1,7 @@
 """The inference service: the one API every front end calls, with domain values, free of gRPC.
 
 ``sample``, ``stream``, ``walk``, ``score``, ``models``, ``model`` and ``reload`` take the
-requests of serving.plans and return model-range float32 arrays (dcgan_core.images) with what
+requests of serving.server.plans and return model-range float32 arrays (dcgan_core.images) with what
 produced them; a front end only translates its protocol to these and back. The calls are
 coroutines: a call waits for its batch without holding a thread, so one event loop serves every
 connection (threads cost a GIL hand-off per call, which dominated the cost of small requests).
@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dcgan_core.repository import Manifest
-from serving import inputs as score_inputs
-from serving import plans
-from serving.batcher import DynamicBatcher, Expired, Inputs, QueueFull, Stopped
-from serving.config import ServeConfig
-from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
-from serving.handoff import Handoff
-from serving.inputs import ScoreSpec
-from serving.plans import SamplePlan, SampleSpec, WalkSpec
-from serving.store import LoadedVersion, ModelEntry, ModelStore
+from serving.server import inputs as score_inputs
+from serving.server import plans
+from serving.server.batcher import DynamicBatcher, Expired, Inputs, QueueFull, Stopped
+from serving.server.config import ServeConfig
+from serving.server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from serving.server.handoff import Handoff
+from serving.server.inputs import ScoreSpec
+from serving.server.plans import SamplePlan, SampleSpec, WalkSpec
+from serving.server.store import LoadedVersion, ModelEntry, ModelStore
 
 BYTES_PER_VALUE = {"float32": 4, "uint8": 1, "png": 1}  # response sizing: PNG is bounded by raw uint8
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.config import ServeConfig
+from serving.server.config import ServeConfig
 
 log = logging.getLogger(__name__)
 

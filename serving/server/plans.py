@@ -15,7 +15,7 @@ import numpy as np
 
 from dcgan_core import latents as latent_rng
 from dcgan_core.repository import Manifest
-from serving.errors import InvalidArgument
+from serving.server.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

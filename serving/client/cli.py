@@ -20,8 +20,9 @@ from pathlib import Path
 
 from dcgan_core import images
 from dcgan_core.atomic import atomic_write_bytes
-from serving import jobs, wire
-from serving.client import ClientError, Controls, InferenceClient, InvalidArgumentError
+from serving import wire
+from serving.client import jobs
+from serving.client.library import ClientError, Controls, InferenceClient, InvalidArgumentError
 
 
 def _controls(args: argparse.Namespace) -> Controls:

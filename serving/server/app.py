@@ -28,15 +28,15 @@ from grpc_reflection.v1alpha import reflection
 from dcgan_core import settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
-from serving.config import ServeConfig, ServeConfigError, load_serve_config
-from serving.decoding import DecodeErrorInterceptor
-from serving.errors import FailedPrecondition, ServiceError, Unavailable
-from serving.metrics import ServingMetrics
 from serving.processes import LISTENING
-from serving.runtime import RuntimeUnavailable, providers_for
-from serving.service import InferenceService
-from serving.servicer import InferenceServicer
-from serving.store import ModelStore, RepositoryWatcher
+from serving.server.config import ServeConfig, ServeConfigError, load_serve_config
+from serving.server.decoding import DecodeErrorInterceptor
+from serving.server.errors import FailedPrecondition, ServiceError, Unavailable
+from serving.server.metrics import ServingMetrics
+from serving.server.runtime import RuntimeUnavailable, providers_for
+from serving.server.service import InferenceService
+from serving.server.servicer import InferenceServicer
+from serving.server.store import ModelStore, RepositoryWatcher
 from serving.wire import SERVICE_NAME
 
 log = logging.getLogger("dcgan-serve")

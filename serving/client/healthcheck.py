@@ -1,4 +1,4 @@
-"""``python -m serving.healthcheck``: exit 0 when the server's grpc.health.v1 says SERVING.
+"""``python -m serving.client.healthcheck``: exit 0 when the server's grpc.health.v1 says SERVING.
 
 For container health checks and load-balancer probes: ``--service`` checks one model by name.
 """
@@ -15,7 +15,7 @@ from serving import security
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serving.client.healthcheck", description=__doc__)
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--service", default="", help='"" for the whole server, or a model name')
     parser.add_argument("--timeout", type=float, default=3.0)

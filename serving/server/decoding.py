@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from serving.errors import bounded
+from serving.server.errors import bounded
 
 
 class Undecodable:
