@@ -164,14 +164,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The recipe of the committed default model: the DCGAN architecture deepened by one 3x3
     # stride-1 conv after each strided layer of G and D (the WGAN authors' "extra layers"), a
     # spectral-norm D (no BatchNorm in D), hinge loss, Adam 8e-4 / (0.5, 0.999) for both nets,
-    # batch 32, rates decayed linearly to 0, and an EMA generator. At equal wall time (about 5
-    # minutes) the extra layers took FD 24.9 -> 6.9 and IS 7.56 -> 8.39; the plain DCGAN needed
-    # 44 epochs for FD 11.2 and IS 8.11. Batch 32 beat 64 at the same wall time, and higher rates
-    # beat DCGAN's 2e-4 once the decay was there (bench/results/TUNING.md). 25 epochs fit in 30
-    # minutes of a 2-core CPU with AMX (bf16 autocast, run.precision=auto).
-    # TTUR 4e-4/1e-4 with betas (0, 0.9) collapsed to grey noise on some seeds; this setting did not. The
-    # Lipschitz-bounded D also scores off-distribution inputs (noise) as fake, which a BatchNorm
-    # D in eval mode does not: that matters for the Score API.
+    # batch 32, rates decayed linearly to 0, and an EMA generator. Why each choice, with the
+    # figures that decided it (extra layers and batch size at equal wall time, the rates, TTUR's
+    # collapse): the MNIST sections of bench/results/TUNING.md. The Lipschitz-bounded D also
+    # scores off-distribution inputs (noise) as fake, which a BatchNorm D in eval mode does not:
+    # that matters for the Score API.
     "mnist": {
         "data": {"dataset": "mnist", "image_size": 28, "channels": 1},
         "model": {"spectral_norm": True, "d_extra_layers": 1, "g_extra_layers": 1},
@@ -200,10 +197,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # The class-conditional MNIST recipe (issue 16): the mnist preset's networks and optimiser with a
-# label embedding joined to z in G (it beat conditional BatchNorm at equal time) and a projection
-# D (D's extra layers earn their cost: without them twice the steps buy nothing). Seven epochs
-# (13,125 steps, the rates decayed over them) took 28 minutes on a 2-core AMD EPYC without AMX,
-# where a conditional step in fp32 takes about 0.125 s (bench/results/TUNING.md).
+# label embedding joined to z in G and a projection D, 7 epochs with the rates decayed over them.
+# The screens behind it (embedding vs conditional BatchNorm, D's extra layers, widths, epochs per
+# 30 minutes): bench/results/TUNING.md, from "Class-conditional G" on.
 PRESETS["mnist-cond"] = {
     **PRESETS["mnist"],
     "model": {**PRESETS["mnist"]["model"], "num_classes": 10},
