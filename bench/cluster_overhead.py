@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model, interleaved, median, save  # noqa: E402
 from serving.client.library import InferenceClient  # noqa: E402
-from serving.cluster import Upstreams, envoy_config, free_port, start_envoy, start_replica, wait_healthy  # noqa: E402
+from serving.cluster import Upstreams, envoy_config, start_envoy, start_replica, wait_healthy  # noqa: E402
 
 
 def load(target: str, model: str, count: int, clients: int, seconds: float) -> dict:
@@ -67,11 +67,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             targets = {"direct": f"127.0.0.1:{replicas[0][1]}"}
             for n in (1, 2):
-                port, admin = free_port(), free_port()
                 upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in replicas[:n]))
-                envoys.append(start_envoy(envoy_config(upstreams, port, admin, host="127.0.0.1"),
-                                          Path(scratch) / f"envoy{n}.yaml", Path(scratch) / f"envoy{n}.log"))
-                wait_healthy(admin, n, envoys[-1])
+                work_dir = Path(scratch) / f"envoy{n}"
+                work_dir.mkdir()
+                envoy, port, admin = start_envoy(envoy_config(upstreams, 0, 0, host="127.0.0.1"), work_dir)
+                envoys.append(envoy)
+                wait_healthy(admin, n, envoy)
                 targets[f"envoy_{n}_replica{'s' if n > 1 else ''}"] = f"127.0.0.1:{port}"
             runs = {name: (lambda t=target: load(t, args.model, args.count, args.clients, args.seconds))
                     for name, target in targets.items()}

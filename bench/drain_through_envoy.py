@@ -26,10 +26,9 @@ from serving.client.library import ClientError, InferenceClient  # noqa: E402
 
 
 def trial(repository: str, model: str, counts: collections.Counter) -> None:
-    port, admin = cluster.free_port(), cluster.free_port()
     serve = ["--repository", repository, "--poll-s", "0", "--grace-s", "5"]
-    with tempfile.TemporaryDirectory() as scratch, \
-            cluster.local_cluster(2, port, admin, Path(scratch), serve) as (_, replicas):
+    with tempfile.TemporaryDirectory() as scratch, cluster.local_cluster(2, Path(scratch), serve) as started:
+        port, replicas = started.port, started.replicas
         stop, lock, done = threading.Event(), threading.Lock(), [0]
 
         def client_loop() -> None:

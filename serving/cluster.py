@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -136,13 +136,6 @@ def compose_config() -> str:
 # ---------------------------------------------------------------------------- the local cluster
 
 
-def free_port() -> int:
-    """A port free now on 127.0.0.1 (for Envoy, whose config names its ports before it starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def upstream_health(admin_port: int) -> dict[int, str]:
     """Envoy's health flags of each replica by port: "healthy", or why not (e.g. /failed_active_hc);
     empty while Envoy itself is still starting."""
@@ -198,35 +191,69 @@ def start_replica(args: list[str], env: dict | None = None) -> tuple[subprocess.
     return process, port
 
 
-def start_envoy(config: dict, config_path: Path, log_path: Path) -> subprocess.Popen:
+def start_envoy(config: dict, work_dir: Path) -> tuple[subprocess.Popen, int, int]:
+    """Envoy with ``config`` (written to work_dir/envoy.yaml, its log beside it); returns it once it
+    listens, with its listener and admin ports: a port 0 in the config is the port Envoy chose,
+    read back from Envoy itself (a port picked free beforehand may be taken before Envoy binds it)."""
+    config_path, admin_path = work_dir / "envoy.yaml", work_dir / "envoy.admin"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    admin_path.unlink(missing_ok=True)
     envoy = Path(sys.executable).with_name("envoy")
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen([str(envoy), "-c", str(config_path), "--log-level", "warn", "--disable-hot-restart"],
-                                stdout=log_file, stderr=log_file, preexec_fn=_terminated_with_parent())
+    with (work_dir / "envoy.log").open("ab") as log_file:
+        process = subprocess.Popen([str(envoy), "-c", str(config_path), "--log-level", "warn", "--disable-hot-restart",
+                                    "--admin-address-path", str(admin_path)],
+                                   stdout=log_file, stderr=log_file, preexec_fn=_terminated_with_parent())
+    admin_port = int(_when_ready(lambda: admin_path.exists() and admin_path.read_text().rsplit(":", 1)[1], process))
+    return process, _when_ready(lambda: _listener_port(admin_port), process), admin_port
+
+
+def _listener_port(admin_port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/listeners?format=json", timeout=5) as answer:
+            statuses = json.loads(answer.read())["listener_statuses"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return statuses[0]["local_address"]["socket_address"]["port_value"] if statuses else None
+
+
+def _when_ready(probe: Callable[[], object], envoy: subprocess.Popen, timeout_s: float = 60.0):
+    """``probe()`` once it gives a value, while Envoy runs; Envoy that exits or hangs is an error."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := probe()):
+        if envoy.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"Envoy did not start (exit status {envoy.poll()}); see its envoy.log")
+        time.sleep(0.05)
+    return value
+
+
+@dataclass
+class LocalCluster:
+    envoy: subprocess.Popen
+    replicas: list[tuple[subprocess.Popen, int]]  # (process, gRPC port)
+    port: int  # Envoy's gRPC port
+    admin_port: int
 
 
 @contextlib.contextmanager
-def local_cluster(replicas: int, port: int, admin_port: int, work_dir: Path,
-                  serve_args: list[str]) -> Iterator[tuple[subprocess.Popen, list[tuple[subprocess.Popen, int]]]]:
-    """N replicas and Envoy in front of them, ready to route to all; stopped (SIGTERM: replicas
-    drain) on exit."""
+def local_cluster(replicas: int, work_dir: Path, serve_args: list[str], port: int = 0,
+                  admin_port: int = 0) -> Iterator[LocalCluster]:
+    """N replicas and Envoy in front of them (port 0: a port Envoy picks), ready to route to all;
+    stopped (SIGTERM: replicas drain) on exit."""
     started: list[tuple[subprocess.Popen, int]] = []
     envoy = None
     try:
         for _ in range(replicas):
             started.append(start_replica([*serve_args, "--metrics-port", "0"]))
         upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in started))
-        envoy = start_envoy(envoy_config(upstreams, port, admin_port, host="127.0.0.1"),
-                            work_dir / "envoy.yaml", work_dir / "envoy.log")
+        envoy, port, admin_port = start_envoy(envoy_config(upstreams, port, admin_port, host="127.0.0.1"), work_dir)
         wait_healthy(admin_port, replicas, envoy)
-        yield envoy, started
+        yield LocalCluster(envoy, started, port, admin_port)
     finally:
-        processes = [p for p in (envoy, *(p for p, _ in started)) if p is not None]
-        for process in processes:
+        children = [p for p in (envoy, *(p for p, _ in started)) if p is not None]
+        for process in children:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in processes:
+        for process in children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
             if process.poll() is None:
@@ -237,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcgan-cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--port", type=int, default=50051, help="Envoy's gRPC port (default: 50051)")
-    parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port, on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="Envoy's gRPC port (default: 50051; 0: a free one)")
+    parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port, on 127.0.0.1 (0: a free one)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/cluster"), help="Envoy's config and log")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER,
                         help="after --: flags for every dcgan-serve replica (e.g. -- --repository exported)")
@@ -251,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())  # (also what a closed terminal sends)
     serve_args = [a for a in args.serve_args if a != "--"]
-    with local_cluster(args.replicas, args.port, args.admin_port, args.work_dir, serve_args) as (envoy, replicas):
+    with local_cluster(args.replicas, args.work_dir, serve_args, args.port, args.admin_port) as cluster:
+        envoy, replicas = cluster.envoy, cluster.replicas
         ports = ", ".join(str(p) for _, p in replicas)
-        print(f"dcgan-cluster: Envoy on port {args.port} in front of {args.replicas} replicas (ports {ports}); "
+        print(f"dcgan-cluster: Envoy on port {cluster.port} in front of {args.replicas} replicas (ports {ports}); "
               f"Ctrl-C stops them all, SIGHUP makes every replica rescan its repository", flush=True)
         while not stop.wait(0.5):
             if hangup.is_set():

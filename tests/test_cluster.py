@@ -27,12 +27,11 @@ from serving.cluster import (
     Upstreams,
     compose_config,
     envoy_config,
-    free_port,
     healthy_upstreams,
     local_cluster,
-    start_replica,
     upstream_health,
 )
+from serving.processes import port_of, spawn_server
 from tests.conftest import ROOT, wait_for
 from tests.repo_faults import add_version
 
@@ -52,7 +51,7 @@ def test_the_committed_envoy_config_is_the_rendered_one_and_envoy_accepts_both(t
     assert committed.read_text() == compose_config()
     static = tmp_path / "static.yaml"
     static.write_text(yaml.safe_dump(envoy_config(Upstreams(addresses=(("127.0.0.1", 1), ("127.0.0.1", 2))),
-                                                  port=free_port(), admin_port=free_port())))
+                                                  port=0, admin_port=0)))
     for config in (committed, static):
         checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True,
                                  text=True, timeout=60)
@@ -70,11 +69,10 @@ def repository(tmp_path, tiny_run) -> Repository:
 
 @pytest.fixture()
 def cluster(repository, tmp_path):
-    envoy_port, admin_port = free_port(), free_port()
     serve = ["--repository", str(repository.root), "--poll-s", "0.1", "--grace-s", "5"]
-    with local_cluster(3, envoy_port, admin_port, tmp_path, serve) as (envoy, replicas):
-        assert healthy_upstreams(admin_port) == 3
-        yield envoy_port, admin_port, replicas
+    with local_cluster(3, tmp_path, serve) as started:  # Envoy on ports it picks: no port race
+        assert healthy_upstreams(started.admin_port) == 3
+        yield started.port, started.admin_port, started.replicas
 
 
 def _inputs(folder: Path, count: int) -> list[str]:
@@ -156,9 +154,7 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
 
 
 def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):
-    metrics_ports = [free_port() for _ in range(3)]
-    started = [start_replica(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", str(port)])
-               for port in metrics_ports]
+    started, metrics_ports = zip(*(_replica_with_metrics(repository) for _ in range(3)))
     try:
         addresses = [f"127.0.0.1:{port}" for _, port in started]
         samples = []
@@ -182,18 +178,29 @@ def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(rep
             process.wait(timeout=30)
 
 
+def _replica_with_metrics(repository: Repository) -> tuple[tuple[subprocess.Popen, int], int]:
+    """A replica on free gRPC and metrics ports, both read back from the server."""
+    process = spawn_server(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", "0"],
+                           stderr=subprocess.PIPE)
+    metrics = next(line for line in process.stderr if "Prometheus metrics on" in line)
+    port = port_of(process)
+    for pipe in (process.stdout, process.stderr):  # keep both drained
+        threading.Thread(target=pipe.read, daemon=True).start()
+    return (process, port), int(metrics.rsplit(" ", 1)[1])
+
+
 def _cluster_process(repository: Repository, work_dir: Path) -> tuple[subprocess.Popen, int]:
-    """``dcgan-cluster --replicas 1`` as an operator starts it; returns once Envoy routes to it."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cluster", "--replicas", "1", "--port", str(port),
-                             "--admin-port", str(free_port()), "--work-dir", str(work_dir), "--",
+    """``dcgan-cluster --replicas 1`` as an operator starts it (on ports Envoy picks); returns once
+    Envoy routes to it, with Envoy's port."""
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cluster", "--replicas", "1", "--port", "0",
+                             "--admin-port", "0", "--work-dir", str(work_dir), "--",
                              "--repository", str(repository.root), "--poll-s", "0"],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "dcgan-cluster: Envoy on port" not in line:
         proc.kill()
         pytest.fail(f"dcgan-cluster did not start: {line!r}")
-    return proc, port
+    return proc, int(line.split("Envoy on port ", 1)[1].split()[0])
 
 
 def _running(pid: int) -> bool:
