@@ -80,7 +80,7 @@ class InferenceServer:
             interceptors.insert(0, security.BearerTokenInterceptor(self._token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service, self.metrics), self.server)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

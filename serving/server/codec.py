@@ -3,18 +3,30 @@ its results back to response messages. Tensors and enum names are serving.wire's
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from dcgan.v1 import inference_pb2 as pb
 
 from dcgan_core import images
 from serving import wire
-from serving.server.errors import InvalidArgument
+from serving.server.errors import InvalidArgument, ServiceError, bounded
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import Endpoint, SampleSpec, WalkSpec
 from serving.server.service import ModelCard, SampleResult, ScoreResult, probabilities
 
+log = logging.getLogger(__name__)
 VERSION_STATES = {"READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED,
                   "UNLOADED": pb.VERSION_STATE_UNLOADED}
+
+
+def status(error: Exception, method: str) -> tuple[str, str]:
+    """The status code name and message of a failed call: a ServiceError's own, anything else
+    INTERNAL (logged with its traceback: a server fault, never the request's)."""
+    if isinstance(error, ServiceError):
+        return error.code, bounded(str(error))
+    log.error("%s failed unexpectedly", method, exc_info=error)
+    return "INTERNAL", f"internal error in {method} ({type(error).__name__}); the server logged the details"
 
 
 def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:

@@ -208,11 +208,14 @@ class InferenceService:
         self._reload()
         return self.models()
 
-    def model_label(self, name: str) -> str:
-        """A served model's name for metrics labels, else ``unknown``: names sent by clients never
-        become label values (each would be a time series forever)."""
-        name = name or self.store.default_model
-        return name if name in self.store.models() else "unknown"
+    def record_call(self, method: str, model: str, code: str, seconds: float) -> None:
+        """Count and time one call of any front end. The model label is a served model's name or
+        ``unknown``: names sent by clients never become label values (each would be a time series
+        forever)."""
+        name = model or self.store.default_model
+        label = name if name in self.store.models() else "unknown"
+        self.store.metrics.requests.labels(method, label, code).inc()
+        self.store.metrics.request_latency.labels(method).observe(seconds)
 
     # ------------------------------------------------------------------ admission and batches
 

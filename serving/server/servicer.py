@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,11 +19,8 @@ from dcgan.v1 import inference_pb2 as pb
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 
 from serving.server import codec
-from serving.server.errors import Internal, ServiceError, bounded
-from serving.server.metrics import ServingMetrics
 from serving.server.service import Call, InferenceService, SampleResult
 
-log = logging.getLogger(__name__)
 NO_DEADLINE_S = 10**7  # grpc reports "no deadline" as an enormous time_remaining()
 
 
@@ -43,34 +39,26 @@ async def _encoded(result: SampleResult) -> pb.SampleResponse:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, service: InferenceService, metrics: ServingMetrics):
-        self.service, self.metrics = service, metrics
+    def __init__(self, service: InferenceService):
+        self.service = service
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count and time the call; a ServiceError becomes the gRPC status it names, anything
-        unexpected INTERNAL (logged with its traceback), never grpc's UNKNOWN.
-
-        The call is counted before the status goes out, so a client that has its answer can
-        already see it in the metrics.
-        """
-        start, code, error = time.perf_counter(), "OK", None
+        """Count and time the call; an error becomes the gRPC status codec.status names (never
+        grpc's UNKNOWN). The call is counted before the status goes out, so a client that has
+        its answer can already see it in the metrics."""
+        start, code, details = time.perf_counter(), "OK", ""
         try:
             yield
-        except ServiceError as exc:
-            code, error = exc.code, exc
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for one call
-            log.exception("%s failed unexpectedly", method)
-            code, error = "INTERNAL", Internal(f"internal error in {method} ({type(exc).__name__}); "
-                                               f"the server logged the details")
+        except Exception as exc:  # noqa: BLE001 - every error gets a status, the unexpected ones INTERNAL
+            code, details = codec.status(exc, method)
         finally:
-            self.metrics.requests.labels(method, self.service.model_label(model), code).inc()
-            self.metrics.request_latency.labels(method).observe(time.perf_counter() - start)
-        if error is not None:
-            await context.abort(getattr(grpc.StatusCode, error.code), bounded(str(error)))
+            self.service.record_call(method, model, code, time.perf_counter() - start)
+        if code != "OK":
+            await context.abort(getattr(grpc.StatusCode, code), details)
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._rpc("Sample", request.model, context):
