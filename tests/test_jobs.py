@@ -130,8 +130,10 @@ def test_the_same_sample_job_twice_the_second_is_refused(server, tmp_path):
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: len(list(out.glob("*.png"))) >= 2 or first.poll() is not None)
+        first.send_signal(signal.SIGSTOP)  # 58 requests from done: held, so it cannot end before the second
+        assert first.poll() is None, first.stderr.read()
         second = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        assert first.poll() is None, "the first job ended before the second started; make it longer"
+        first.send_signal(signal.SIGCONT)
         assert second.returncode == 2 and f"is in use by another process (pid {first.pid})" in second.stderr
         assert first.wait(120) == 0, first.stderr.read()  # its temporary files were left alone
     finally:
