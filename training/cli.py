@@ -67,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
     with contextlib.ExitStack() as cleanup:
-        # under torchrun: leave the process group before exiting, or gloo's threads are destroyed
-        # with the interpreter and the rank aborts ("terminate called without an active exception")
-        cleanup.callback(distributed.leave)
         try:
             overrides = _overrides(args)
             if args.dry_run:  # its run directory is removed at the end unless --run-dir names one
@@ -85,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                      trainer.device, "bf16 autocast" if trainer.model.bf16 else "fp32", trainer.steps_per_epoch,
                      trainer.step, trainer.total_steps)
             result = trainer.train()
+            distributed.leave()
         except (ConfigError, DataError, CheckpointError, Locked) as exc:
             print(f"dcgan-train: error: {exc}", file=sys.stderr)
             return 2
@@ -94,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"is intact, rerun to resume once this is fixed", file=sys.stderr)
             return 3
         except TrainingDiverged as exc:
+            distributed.leave()  # every rank saw the same averaged loss and stopped at this step
             print(f"dcgan-train: training diverged: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
+            distributed.leave()  # the stop decision is collective: every rank stopped at this step
             print("dcgan-train: interrupted; run the same command to resume from the last checkpoint",
                   file=sys.stderr)
             return 130

@@ -17,6 +17,7 @@ support. Rank 0 alone writes checkpoints, metrics, grids and evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -97,5 +98,11 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
 
 
 def leave() -> None:
+    """Leave the process group once every rank is done: under torchrun a rank that exits without it
+    may abort at interpreter exit (gloo's threads outlive the interpreter: "terminate called without
+    an active exception"). Only at an end every rank reaches (done, stopped, diverged): after another
+    error the other ranks may never reach the barrier."""
     if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a rank already gone (a second signal): leave anyway
+            dist.barrier()
         dist.destroy_process_group()
