@@ -109,6 +109,25 @@ def add_flags(parser: argparse.ArgumentParser, settings: type) -> None:
         parser.add_argument(flag, type=type(default), choices=choices, help=help_text)
 
 
+def declaration(settings: type, key: str) -> tuple[dataclasses.Field, Any]:
+    """The field declared for a dotted key (``run.device``) of ``settings``, and its default."""
+    target: Any = settings()
+    *sections, name = key.split(".")
+    for section in sections:
+        target = getattr(target, section)
+    field = {f.name: f for f in dataclasses.fields(target)}[name]
+    return field, getattr(target, name)
+
+
+def add_shorthand(parser: argparse.ArgumentParser, flag: str, settings: type, key: str) -> None:
+    """``flag`` for the setting ``key``, its help and choices from the declaration (the value is
+    checked and coerced with the rest of the settings)."""
+    field, default = declaration(settings, key)
+    choices = [str(c) for c in field.metadata.get("choices", ())] or None
+    parser.add_argument(flag, choices=choices, dest=flag.lstrip("-").replace("-", "_"),
+                        help=f"{field.metadata.get('help', '')} (--set {key}=...; default: {default})")
+
+
 def given(args: argparse.Namespace, settings: type) -> dict[str, Any]:
     """The flags of ``settings`` the command line set."""
     names = {f.name for f in dataclasses.fields(settings)}

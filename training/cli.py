@@ -15,15 +15,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dcgan_core import settings
 from dcgan_core.locking import Locked
 from training import distributed
 from training.checkpoint import CheckpointError
-from training.config import PRESETS, TOY_DATASETS, ConfigError, load_config, parse_override
+from training.config import PRESETS, TOY_DATASETS, ConfigError, TrainConfig, load_config, parse_override
 from training.data import DataError
 from training.gan_step import gan_run
 from training.run_loop import TrainingDiverged
 
 log = logging.getLogger("dcgan-train")
+
+
+#: Flags for the settings people change most; every setting is --set SECTION.KEY=VALUE too.
+SHORTHANDS = {"data_dir": "data.path", "run_dir": "run.run_dir", "epochs": "run.epochs", "device": "run.device",
+              "seed": "run.seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML file with [data] [model] [optim] [loss] [run] tables")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set optim.lr_g=1e-4 (repeatable)")
-    parser.add_argument("--data-dir", help="shorthand for --set data.path=...")
-    parser.add_argument("--run-dir", help="shorthand for --set run.run_dir=... (resumes if it has a checkpoint)")
-    parser.add_argument("--epochs", help="shorthand for --set run.epochs=...")
-    parser.add_argument("--device", help="shorthand for --set run.device=auto|cpu|cuda")
-    parser.add_argument("--seed", help="shorthand for --set run.seed=...")
+    for name, key in SHORTHANDS.items():
+        settings.add_shorthand(parser, "--" + name.replace("_", "-"), TrainConfig, key)
     parser.add_argument("--force", action="store_true", help="resume even if the config differs from the checkpoint's")
     parser.add_argument("--dry-run", action="store_true",
                         help="a few steps of a tiny model on synthetic data in a temporary run directory")
@@ -46,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> list[dict]:
-    shorthands = {"data_dir": "data.path", "run_dir": "run.run_dir", "epochs": "run.epochs",
-                  "device": "run.device", "seed": "run.seed"}
-    texts = [f"{key}={getattr(args, name)}" for name, key in shorthands.items() if getattr(args, name) is not None]
+    texts = [f"{key}={getattr(args, name)}" for name, key in SHORTHANDS.items() if getattr(args, name) is not None]
     if args.no_progress:
         texts.append("run.progress=false")
     return [parse_override(text) for text in texts + args.overrides]

@@ -10,7 +10,7 @@ from typing import Any
 
 from dcgan_core import DEVICES, settings
 from dcgan_core.latents import SEED_MAX
-from dcgan_core.settings import SettingsError
+from dcgan_core.settings import SettingsError, setting
 
 TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
@@ -25,64 +25,67 @@ class ConfigError(SettingsError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | folder | ring | grid | synthetic
-    path: str = "../shared/datasets/mnist"
-    image_size: int = 28
-    channels: int = 1
-    download: bool = False  # MNIST only: fetch missing files (verified) instead of failing
-    toy_epoch_samples: int = 65536  # toy data is sampled fresh; this many samples make an epoch
-    synthetic_samples: int = 256  # size of the random dataset used by --dry-run
+    dataset: str = setting("mnist", "what to learn: MNIST digits, a folder of images, or a 2-D toy",
+                           choices=TOY_DATASETS + IMAGE_DATASETS)
+    path: str = setting("../shared/datasets/mnist", "the data: MNIST's IDX files or the image folder")
+    image_size: int = setting(28, "image side in pixels", choices=IMAGE_SIZES)
+    channels: int = setting(1, "1 (gray) or 3 (RGB)", choices=(1, 3))
+    download: bool = setting(False, "MNIST only: fetch missing files (verified) instead of failing")
+    toy_epoch_samples: int = setting(65536, "toy data is sampled fresh; this many samples make an epoch")
+    synthetic_samples: int = setting(256, "size of the random dataset used by --dry-run")
 
 
 @dataclass
 class ModelConfig:
-    latent_size: int = 100
-    ngf: int = 64  # generator width (channels of its last hidden layer)
-    ndf: int = 64  # discriminator width (channels of its first layer)
-    spectral_norm: bool = False  # spectral norm on D's layers (replaces D's BatchNorm)
-    d_extra_layers: int = 0  # 3x3 stride-1 convs after each of D's strided convs (a deeper D)
-    g_extra_layers: int = 0  # 3x3 stride-1 convs after each of G's hidden upsampling layers
-    toy_hidden: int = 256  # hidden width of the dense toy networks
-    toy_layers: int = 3  # hidden layers of the dense toy networks
-    num_classes: int = 0  # > 0: class-conditional G and a projection D
-    g_conditioning: str = "embed"  # conditional G: embed (label embedding joined to z) | cbn (conditional BatchNorm)
-    class_names: list = field(default_factory=list)  # filled from the data (MNIST digits, sub-folder names)
+    latent_size: int = setting(100, "size of the latent vector z")
+    ngf: int = setting(64, "generator width (channels of its last hidden layer)")
+    ndf: int = setting(64, "discriminator width (channels of its first layer)")
+    spectral_norm: bool = setting(False, "spectral norm on D's layers (replaces D's BatchNorm)")
+    d_extra_layers: int = setting(0, "3x3 stride-1 convs after each of D's strided convs (a deeper D)")
+    g_extra_layers: int = setting(0, "3x3 stride-1 convs after each of G's hidden upsampling layers")
+    toy_hidden: int = setting(256, "hidden width of the dense toy networks")
+    toy_layers: int = setting(3, "hidden layers of the dense toy networks")
+    num_classes: int = setting(0, "> 0: class-conditional G and a projection D")
+    g_conditioning: str = setting("embed", "conditional G: a label embedding joined to z, or conditional BatchNorm",
+                                  choices=("embed", "cbn"))
+    class_names: list = setting([], "filled from the data (MNIST digits, sub-folder names)")
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 128
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    d_steps: int = 1  # discriminator steps (batches) per generator step
-    lr_decay: str = "none"  # none | linear: both rates fall linearly to 0 at the last step
+    batch_size: int = setting(128, "the global batch (under torchrun divided among the processes)")
+    lr_g: float = setting(2e-4, "Adam learning rate of G")
+    lr_d: float = setting(2e-4, "Adam learning rate of D")
+    beta1: float = setting(0.5, "Adam beta1 of both networks")
+    beta2: float = setting(0.999, "Adam beta2 of both networks")
+    d_steps: int = setting(1, "discriminator steps (batches) per generator step")
+    lr_decay: str = setting("none", "linear: both rates fall linearly to 0 at the last step", choices=LR_DECAYS)
 
 
 @dataclass
 class LossConfig:
-    name: str = "nonsaturating"  # minimax | nonsaturating | hinge | wgan-gp
-    label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
-    gp_weight: float = 10.0  # wgan-gp only
-    top_k: float = 1.0  # G learns from this share of its batch that D rates most real (1: all)
+    name: str = setting("nonsaturating", "the GAN loss: minimax | nonsaturating | hinge | wgan-gp")
+    label_smoothing: float = setting(0.0, "one-sided: real targets become 1 - label_smoothing")
+    gp_weight: float = setting(10.0, "wgan-gp only")
+    top_k: float = setting(1.0, "G learns from this share of its batch that D rates most real (1: all)")
 
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/mnist"
-    epochs: int = 5
-    max_steps: int = 0  # stop after this many discriminator steps in total (0: no limit)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 for image models where it is native
-    ema_decay: float = 0.999  # 0 disables the EMA generator
-    checkpoint_every: int = 500  # steps between checkpoints (also at each epoch end)
-    sample_count: int = 64  # fixed-noise samples in each epoch's grid
-    progress: bool = True
-    eval_every: int = 0  # epochs between evaluations (toys, or 1x28x28 images); the best is kept as best.pt
-    eval_samples: int = 2000  # samples per in-training evaluation
-    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    run_dir: str = setting("runs/mnist", "run directory (resumes if it holds a checkpoint)")
+    epochs: int = setting(5, "passes over the data; the schedules are drawn over them")
+    max_steps: int = setting(0, "stop after this many discriminator steps in total (0: no limit)")
+    seed: int = setting(0, "seed of the whole run (init, batch order, noise)")
+    device: str = setting("auto", "where to train (auto: CUDA when there is one)", choices=DEVICES)
+    precision: str = setting("auto", "bf16 autocast or fp32; auto: bf16 for image models where it is native",
+                             choices=PRECISIONS)
+    ema_decay: float = setting(0.999, "0 disables the EMA generator")
+    checkpoint_every: int = setting(500, "steps between checkpoints (also at each epoch end)")
+    sample_count: int = setting(64, "fixed-noise samples in each epoch's grid")
+    progress: bool = setting(True, "a progress bar")
+    eval_every: int = setting(0, "epochs between evaluations (toys, 1x28x28 images); the best is kept as best.pt")
+    eval_samples: int = setting(2000, "samples per in-training evaluation")
+    sync_batchnorm: bool = setting(False, "under torchrun on CUDA: BatchNorm statistics over the global batch")
 
 
 @dataclass
