@@ -61,6 +61,7 @@ bench: setup
 	$(PY) bench/quality.py --data-dir $(MNIST) --conditional exported/mnist-cond/2/generator.onnx
 	$(PY) bench/fd_over_seeds.py --data-dir $(MNIST) exported/mnist-dcgan/3/generator.onnx exported/mnist-cond/2/generator.onnx
 	$(PY) bench/latent_controls.py --data-dir $(MNIST) --model mnist-dcgan
+	$(PY) bench/fairness.py --repository exported --model mnist-dcgan
 	$(PY) bench/cluster_overhead.py --repository exported --model mnist-dcgan
 	$(PY) bench/drain_through_envoy.py --repository exported --model mnist-dcgan
 	$(PY) bench/ddp_throughput.py --data-dir $(MNIST)
