@@ -15,22 +15,27 @@ from typing import Any
 from dcgan_core.atomic import atomic_write_bytes
 
 
-def complete_text(path: Path) -> str:
-    """The file's complete lines ("" when it does not exist); a torn last line is left out."""
+def _read(path: Path) -> tuple[bytes, int]:
+    """The file's complete lines and its whole size in bytes (b"", 0 when it does not exist)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return ""
-    return data[: data.rfind(b"\n") + 1].decode("utf-8")
+        return b"", 0
+    return data[: data.rfind(b"\n") + 1], len(data)
+
+
+def complete_text(path: Path) -> str:
+    """The file's complete lines ("" when it does not exist); a torn last line is left out."""
+    return _read(path)[0].decode("utf-8")
 
 
 def cut_torn_tail(path: Path) -> str:
     """Truncate a torn last line away before appending; returns the complete lines."""
-    text = complete_text(path)
-    if path.exists() and path.stat().st_size != len(text.encode("utf-8")):
+    complete, size = _read(path)
+    if len(complete) != size:
         with path.open("r+b") as handle:
-            handle.truncate(len(text.encode("utf-8")))
-    return text
+            handle.truncate(len(complete))
+    return complete.decode("utf-8")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -126,9 +126,3 @@ def add_shorthand(parser: argparse.ArgumentParser, flag: str, settings: type, ke
     choices = [str(c) for c in field.metadata.get("choices", ())] or None
     parser.add_argument(flag, choices=choices, dest=flag.lstrip("-").replace("-", "_"),
                         help=f"{field.metadata.get('help', '')} (--set {key}=...; default: {default})")
-
-
-def given(args: argparse.Namespace, settings: type) -> dict[str, Any]:
-    """The flags of ``settings`` the command line set."""
-    names = {f.name for f in dataclasses.fields(settings)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}

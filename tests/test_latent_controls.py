@@ -219,11 +219,9 @@ def _proto_keep_top_candidates(count: int, keep_top: float) -> int:
 
 @given(count=st.integers(1, 2**20), keep_top=st.floats(0, 1, exclude_min=True, exclude_max=True, width=32))
 def test_the_server_computes_keep_top_candidates_as_the_proto_states(count, keep_top):
-    import math
+    from serving.server.plans import candidates_for
 
-    from serving.server.plans import keep_top_share
-
-    assert math.ceil(count / keep_top_share(keep_top)) == _proto_keep_top_candidates(count, keep_top)
+    assert candidates_for(count, keep_top) == _proto_keep_top_candidates(count, keep_top)
 
 
 # ---------------------------------------------------------------------------- together

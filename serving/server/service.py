@@ -213,7 +213,7 @@ class InferenceService:
         ``unknown``: names sent by clients never become label values (each would be a time series
         forever)."""
         name = model or self.store.default_model
-        label = name if name in self.store.models() else "unknown"
+        label = name if self.store.serves(name) else "unknown"
         self.store.metrics.requests.labels(method, label, code).inc()
         self.store.metrics.request_latency.labels(method).observe(seconds)
 

@@ -171,6 +171,8 @@ class ModelStore:
                 self._scanned.notify_all()
 
     def _rescan(self) -> bool:
+        if self._closed:  # shutting down: loading models now would be work for nothing
+            return False
         names = self.repository.models()
         problems: list[RepositoryError] = []
         try:
@@ -237,19 +239,18 @@ class ModelStore:
     def _publish(self, name: str, entry: ModelEntry | None, previous: ModelEntry) -> bool:
         """Swap in the new entry, then retire loaded versions it no longer holds (each closes once
         its in-flight calls finish); True if anything changed."""
-        with self._lock:
-            if self._closed:  # shutting down: what this scan loaded is stopped, never served
-                kept = {id(e.loaded) for e in previous.versions.values()}
-                for state in entry.versions.values() if entry else ():
-                    if state.loaded and id(state.loaded) not in kept:
-                        state.loaded.retire()
-                return False
-            if entry is None:
-                self._models.pop(name, None)
-            else:
-                self._models[name] = entry
         loaded = lambda model: {id(e.loaded): e for e in model.versions.values() if e.loaded}  # noqa: E731
         now, before = loaded(entry) if entry else {}, loaded(previous)
+        with self._lock:
+            closed = self._closed
+            if not closed and entry is None:
+                self._models.pop(name, None)
+            elif not closed:
+                self._models[name] = entry
+        if closed:  # shutting down: what a scan still running loaded is stopped, never served
+            for key in now.keys() - before.keys():
+                now[key].loaded.retire()
+            return False
         for key in before.keys() - now.keys():
             state = before[key]
             log.info("unloading model %s version %s", name, state.version)
@@ -288,6 +289,11 @@ class ModelStore:
     def models(self) -> dict[str, ModelEntry]:
         with self._lock:
             return dict(self._models)
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a model of the repository (no copy of the table: called per call)."""
+        with self._lock:
+            return name in self._models
 
     def entry(self, name: str) -> ModelEntry:
         name = name or self.default_model
