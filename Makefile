@@ -59,7 +59,7 @@ bench: setup
 	$(PY) bench/serve_throughput.py --repository exported
 	$(PY) bench/quality.py --data-dir $(MNIST) --epochs 5
 	$(PY) bench/quality.py --data-dir $(MNIST) --conditional exported/mnist-cond/2/generator.onnx
-	$(PY) bench/fd_over_seeds.py --data-dir $(MNIST) exported/mnist-dcgan/3/generator.onnx exported/mnist-cond/2/generator.onnx
+	$(PY) bench/fd_over_seeds.py --data-dir $(MNIST) exported/mnist-dcgan/3/generator.onnx exported/mnist-cond/2/generator.onnx exported/toy-ring/1/generator.onnx
 	$(PY) bench/latent_controls.py --data-dir $(MNIST) --model mnist-dcgan
 	$(PY) bench/fairness.py --repository exported --model mnist-dcgan
 	$(PY) bench/cluster_overhead.py --repository exported --model mnist-dcgan

@@ -1,12 +1,13 @@
-"""FD of several generators over several sample seeds, side by side.
+"""The noise of each published figure: its spread over sample seeds, several generators side by side.
 
 FD of 10k samples moves with the latents drawn (for the default model, 2.1 to 2.8 between seeds),
-so a target that compares two models' FD is judged on medians over the same seeds, not on one
-draw each. Each source is what ``dcgan-eval`` takes (an ONNX generator or a run directory);
-conditional generators draw 1k samples per class, as in every other conditional figure.
+so two models are compared on the same seeds and a difference within a figure's spread is noise.
+The publishing gate (dcgan_core.publishing.GATES) allows exactly that spread, and a test checks
+the gate against this file. Each source is what ``dcgan-eval`` takes (an ONNX generator of a
+model repository, or a run directory); conditional generators draw balanced classes.
 
     .venv/bin/python bench/fd_over_seeds.py exported/mnist-dcgan/3/generator.onnx \
-        exported/mnist-cond/2/generator.onnx --seeds 5
+        exported/mnist-cond/2/generator.onnx exported/toy-ring/1/generator.onnx --seeds 5
 """
 
 from __future__ import annotations
@@ -17,28 +18,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model, median, save  # noqa: E402
-from training import metrics  # noqa: E402
-from training.evaluate import load_samples  # noqa: E402
+from dcgan_core import publishing  # noqa: E402
+from dcgan_core.repository import Repository  # noqa: E402
+from training import quality  # noqa: E402
+from training.evaluate import Samples, evaluate, load_samples  # noqa: E402
+
+
+def samples(source: Path, count: int, seed: int) -> Samples:
+    """A repository version's generator (``<repo>/<model>/<version>/generator.onnx``: its manifest
+    names a toy's mixture) or anything else dcgan-eval reads."""
+    if source.suffix == ".onnx" and source.parent.name.isdigit():
+        repository = Repository(source.parents[2])
+        manifest = repository.manifest(source.parent.parent.name, int(source.parent.name))
+        return quality.version_samples(repository, manifest, {"samples": count, "seed": seed})
+    return load_samples(source, count, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", type=Path)
-    parser.add_argument("--data-dir", default="../shared/datasets/mnist")
+    parser.add_argument("--data-dir", type=Path, default=quality.DEFAULT_DATA_DIR)
     parser.add_argument("--seeds", type=int, default=5, help="sample seeds 0..N-1")
-    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--count", type=int, default=publishing.DEFAULT_PROTOCOL["samples"])
     args = parser.parse_args()
-    reference = metrics.ImageReference.load(Path(args.data_dir))
-    report: dict = {"cpu": cpu_model(), "count": args.count, "seeds": list(range(args.seeds)), "fd": {}}
+    report: dict = {"cpu": cpu_model(), "count": args.count, "seeds": list(range(args.seeds)), "figures": {}}
     for seed in range(args.seeds):  # seeds outermost: drift of a shared machine hits every source alike
         for source in args.sources:
-            samples = load_samples(source, args.count, seed)
-            fd = metrics.evaluate_images(samples.values, reference, ["fd"])["fd"]  # overall only: no labels
-            report["fd"].setdefault(str(source), []).append(round(fd, 3))
-            print(f"seed {seed}  {source}: FD {fd:.3f}")
-    report["median"] = {source: median(values) for source, values in report["fd"].items()}
-    for source, value in report["median"].items():
-        print(f"median FD {value:.3f}  {source}")
+            figures = publishing.gated(evaluate(samples(source, args.count, seed), args.data_dir,
+                                                floor=False, progress=False))
+            for key, value in figures.items():
+                report["figures"].setdefault(key, {}).setdefault(str(source), []).append(round(value, 4))
+            print(f"seed {seed}  {source}: {figures}", flush=True)
+    report["median"] = {key: {source: median(values) for source, values in per_source.items()}
+                        for key, per_source in report["figures"].items()}
+    report["spread"] = {key: {source: round(max(values) - min(values), 4) for source, values in per_source.items()}
+                        for key, per_source in report["figures"].items()}
+    print(report["spread"])
     save("fd_over_seeds", report)
 
 

@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcgan_core import locking
+from dcgan_core import locking, publishing
 from dcgan_core.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-REPOSITORY_CONFIG = "repository.json"
+REPOSITORY_CONFIG = "repository.json"  # {"default_model": NAME, "pins": {NAME: VERSION}}, both optional
+CONFIG_LOCK = ".repository.lock"  # held while repository.json is read, changed and replaced
+ENVIRONMENT = "DCGAN_REPOSITORY"  # names the repository when no flag does
 KINDS = ("dcgan", "toy2d")
 
 
@@ -138,11 +140,25 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         discriminator=networks["discriminator"], num_classes=classes, class_names=names)
 
 
+def default_root() -> Path:
+    """$DCGAN_REPOSITORY, else ``exported`` (relative to the working directory)."""
+    return Path(os.environ.get(ENVIRONMENT) or "exported")
+
+
 class Repository:
     """A model repository on disk."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def initialise(self) -> None:
+        """Create an empty repository (its folder and repository.json); an existing one is kept."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / REPOSITORY_CONFIG).exists():
+            atomic_write_text(self.root / REPOSITORY_CONFIG, "{}\n")
 
     def models(self) -> list[str]:
         try:
@@ -182,25 +198,63 @@ class Repository:
         except (OSError, RepositoryError) as exc:
             return (("unreadable", str(exc)),)
 
+    def _config(self) -> dict[str, Any]:
+        """repository.json, validated ({} when there is none)."""
+        path = self.root / REPOSITORY_CONFIG
+        try:
+            config = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise RepositoryError(f"{path} cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise RepositoryError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise RepositoryError(f"{path}: expected {{\"default_model\": NAME, \"pins\": {{NAME: VERSION}}}}")
+        name, pins = config.get("default_model"), config.get("pins", {})
+        if name is not None and (not isinstance(name, str) or not name):
+            raise RepositoryError(f"{path}: default_model must be a model name, got {name!r}")
+        if not isinstance(pins, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                 for v in pins.values()):
+            raise RepositoryError(f"{path}: pins must map model names to version numbers, got {pins!r}")
+        return config
+
     def default_model(self) -> str:
         """``default_model`` from repository.json, else the only/first model by name."""
-        config = self.root / REPOSITORY_CONFIG
-        try:
-            name = json.loads(config.read_bytes())["default_model"]
-        except FileNotFoundError:
-            name = None
-        except OSError as exc:
-            raise RepositoryError(f"{config} cannot be read: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RepositoryError(f"{config}: expected {{\"default_model\": NAME}} ({exc!r})") from None
+        name = self._config().get("default_model")
         if name is not None:
-            if not isinstance(name, str) or not name:
-                raise RepositoryError(f"{config}: default_model must be a model name, got {name!r}")
             return name
         models = self.models()
         if not models:
             raise RepositoryError(f"model repository {self.root} holds no models")
         return models[0]
+
+    def pins(self) -> dict[str, int]:
+        """Models pinned to one version (served alone, whatever is published after it)."""
+        return dict(self._config().get("pins", {}))
+
+    def pin(self, name: str, version: int | None) -> None:
+        """Pin ``name`` to ``version`` (which must be a valid published version), or unpin with None."""
+        if version is not None:
+            self.manifest(name, version)
+        with locking.exclusive(self.root / CONFIG_LOCK, f"repository {self.root}"):
+            config = self._config()
+            pins = {k: v for k, v in config.get("pins", {}).items() if k != name}
+            if version is not None:
+                pins[name] = version
+            atomic_write_text(self.root / REPOSITORY_CONFIG,
+                              json.dumps({**config, "pins": dict(sorted(pins.items()))}, indent=2) + "\n")
+
+    def latest(self, name: str) -> Manifest | None:
+        """The newest version whose manifest reads (files unverified), None for a new model."""
+        if not _exists(self.root / name):
+            return None
+        for version in reversed(self.versions(name)):
+            try:
+                return self.manifest(name, version, verify_files=False)
+            except RepositoryError:
+                continue
+        return None
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
@@ -244,12 +298,16 @@ class Repository:
             raise RepositoryError(f"{where}: {path.name} sha256 is {actual[:12]}..., manifest says "
                                   f"{expected[:12]}... (file changed after publishing)")
 
-    def publish(self, name: str, build: Callable[[Path], Manifest]) -> Manifest:
+    def publish(self, name: str, build: Callable[[Path], Manifest], allow_worse: bool = False,
+                incumbent: dict[str, Any] | None = None) -> Manifest:
         """Build a version in a temporary folder and rename it to the next version number.
 
         ``build(folder)`` writes the files and returns the manifest with ``version=0``; the
         final number is filled in here. A crash before the rename leaves only a hidden folder,
-        which the next publish removes once no live process holds its lock.
+        which the next publish removes once no live process holds its lock. The draft must keep
+        the latest version's interface (else Incompatible) and, unless ``allow_worse``, its
+        figures (else Worse); ``incumbent`` are the latest's figures measured under the draft's
+        protocol when its manifest's were measured otherwise.
         """
         if (not name or name.startswith(".") or os.sep in name or name != name.strip()
                 or len(name) > MAX_NAME_LENGTH):
@@ -261,15 +319,21 @@ class Repository:
         try:
             with locking.exclusive(staging / STAGING_LOCK, f"staging folder {staging}"):
                 staging.chmod(0o755)
-                manifest = self._build_and_rename(name, staging, build)
+                manifest = self._build_and_rename(name, staging, build, allow_worse, incumbent)
             fsync_dir(model_dir)
             return manifest
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _build_and_rename(self, name: str, staging: Path, build: Callable[[Path], Manifest]) -> Manifest:
+    def _build_and_rename(self, name: str, staging: Path, build: Callable[[Path], Manifest], allow_worse: bool,
+                          incumbent: dict[str, Any] | None) -> Manifest:
         draft = build(staging)
+        latest = self.latest(name)
+        if latest is not None:
+            publishing.check_compatible(latest, draft)
+            if not allow_worse:
+                publishing.check_quality(latest, latest.metrics if incumbent is None else incumbent, draft.metrics)
         (staging / STAGING_LOCK).unlink()  # the lock stays held through its open descriptor
         for _ in range(100):
             version = max(self.versions(name), default=0) + 1

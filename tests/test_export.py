@@ -23,10 +23,10 @@ def _session(repository: Repository, name: str, version: int, net: str) -> ort.I
 
 def test_export_round_trip_matches_torch(tiny_run, tmp_path):
     repository = Repository(tmp_path)
-    manifest = export_run(tiny_run, repository, "tiny", metrics={"fd": 1.5})
+    manifest = export_run(tiny_run, repository, "tiny")
     assert (manifest.name, manifest.version, manifest.kind) == ("tiny", 1, "dcgan")
     assert manifest.sample_shape == [1, 28, 28] and manifest.latent_size == 8
-    assert manifest.generator.input_shape == [None, 8] and manifest.metrics == {"fd": 1.5}
+    assert manifest.generator.input_shape == [None, 8] and manifest.metrics == {}
     assert manifest.training["config"]["model"]["ngf"] == 4 and manifest.training["step"] == 2
     run = load_run(tiny_run)
     z = latents(5, 13, 8)
@@ -139,11 +139,15 @@ def test_missing_files_and_unknown_models(published):
         published.manifest("m", 5)
 
 
-def test_export_and_repo_cli(tiny_run, tmp_path, capsys):
+def test_export_and_repo_cli(tiny_run, tmp_path, capsys, classifier_cache, mnist_dir, monkeypatch):
     from dcgan_core.repository_cli import main as repo_main
 
-    assert export_main([str(tiny_run), "--repository", str(tmp_path), "--name", "cli"]) == 0
-    assert "published cli version 1" in capsys.readouterr().out
+    monkeypatch.setenv("DCGAN_CACHE", str(classifier_cache))
+    assert export_main([str(tiny_run), "--repository", str(tmp_path), "--name", "cli", "--data-dir",
+                        str(mnist_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "published cli version 1" in out and "  fd " in out and "  is " in out
+    assert Repository(tmp_path).manifest("cli", 1).metrics["protocol"] == {"samples": 10000, "seed": 0}
     assert repo_main(["--repository", str(tmp_path), "list"]) == 0
     assert "cli (default)" in capsys.readouterr().out
     assert repo_main(["--repository", str(tmp_path), "show", "cli"]) == 0

@@ -132,3 +132,25 @@ def test_a_rescan_that_ends_after_shutdown_serves_nothing_new(tiny_run, tmp_path
     export_run(tiny_run, repository, "tiny")
     assert store.rescan() is False
     assert store.models()["tiny"].ready() == [1]
+
+
+def test_a_pin_rolls_back_running_servers_and_an_unpin_returns(live, tiny_run):
+    """dcgan-repo pin: the server serves the pinned version alone after its next rescan, and
+    says so in GetModel; unpin returns to the server's policy. No files move."""
+    from dcgan_core.repository_cli import main as repo_main
+
+    repository, server = live
+    store = server.store
+    assert export_run(tiny_run, repository, "tiny").version == 2
+    assert store.wait_until(lambda: store.models()["tiny"].ready() == [2], 60)
+    assert repo_main(["--repository", str(repository.root), "pin", "tiny", "1"]) == 0
+    assert store.wait_until(lambda: store.models()["tiny"].ready() == [1], 60)
+    with InferenceClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+        info = client.stub.GetModel(pb.GetModelRequest(model="tiny")).model
+        assert (info.version_policy, info.latest_version) == ("specific:1", 1)
+        assert client.sample(1, seed=0).version == 1
+        assert repo_main(["--repository", str(repository.root), "unpin", "tiny"]) == 0
+        assert store.wait_until(lambda: store.models()["tiny"].ready() == [2], 60)
+        listed = {m.name: m for m in client.stub.ListModels(pb.ListModelsRequest()).models}
+        assert (listed["tiny"].version_policy, listed["tiny"].latest_version) == ("latest:1", 2)
+    assert repository.versions("tiny") == [1, 2]

@@ -23,7 +23,7 @@ from dcgan_core.atomic import atomic_write_text
 from dcgan_core.latents import latents
 from training import metrics
 from training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError
-from training.config import TOY_DATASETS
+from training.config import TOY_DATASETS, TrainConfig
 from training.data import DataError, toy_mixture
 
 
@@ -43,16 +43,21 @@ def balanced_labels(count: int, classes: int) -> np.ndarray | None:
     return np.arange(count, dtype=np.int64) % classes if classes else None
 
 
+def from_generator(generator: torch.nn.Module, config: TrainConfig, count: int, seed: int) -> Samples:
+    """``count`` samples of a torch generator from ``latents(seed)`` (balanced classes if conditional)."""
+    z = torch.from_numpy(latents(seed, count, config.model.latent_size))
+    labels = balanced_labels(count, config.model.num_classes)
+    y = [None] * len(z.split(1000)) if labels is None else torch.from_numpy(labels).split(1000)
+    with torch.no_grad():
+        values = np.concatenate([generator(a, b).numpy() for a, b in zip(z.split(1000), y)])
+    return Samples(values, config.data.dataset if config.kind == "toy2d" else None, labels)
+
+
 def _from_checkpoint(run_dir: Path, count: int, seed: int, checkpoint_name: str) -> Samples:
     from training.export import load_run
 
     run = load_run(run_dir, checkpoint_name=checkpoint_name)
-    z = torch.from_numpy(latents(seed, count, run.config.model.latent_size))
-    labels = balanced_labels(count, run.config.model.num_classes)
-    y = [None] * len(z.split(1000)) if labels is None else torch.from_numpy(labels).split(1000)
-    with torch.no_grad():
-        values = np.concatenate([run.generator(a, b).numpy() for a, b in zip(z.split(1000), y)])
-    return Samples(values, run.config.data.dataset if run.config.kind == "toy2d" else None, labels)
+    return from_generator(run.generator, run.config, count, seed)
 
 
 def _from_onnx(path: Path, count: int, seed: int, toy: str | None) -> Samples:

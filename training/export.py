@@ -21,16 +21,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from dcgan_core import images
+from dcgan_core import images, publishing
 from dcgan_core.latents import latents
 from dcgan_core.repository import Manifest, NetworkSpec, Repository, sha256_file
-from training import checkpoint
+from training import checkpoint, quality
 from training.config import TrainConfig
 from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 for _chatty in ("onnxscript", "onnx_ir"):  # the exporter's optimizer logs every pass at INFO
     logging.getLogger(_chatty).setLevel(logging.WARNING)
+# torch.onnx warns that torchvision's operators are not registered: this project uses none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 GENERATOR_FILE, DISCRIMINATOR_FILE = "generator.onnx", "discriminator.onnx"
 PARITY_BATCHES = (1, 7, 64)
 LABEL_INPUT = "labels"  # int64 [N] class input of both conditional networks
@@ -46,6 +48,9 @@ class ExportOptions:
     checkpoint_name: str = checkpoint.CHECKPOINT_NAME  # or checkpoint.BEST_NAME: the best evaluated epoch
     rtol: float = 1e-3
     atol: float = 1e-5
+    evaluate: bool = False  # measure the figures the publishing gate compares (dcgan-export does)
+    allow_worse: bool = False  # publish even if the figures are worse than the latest version's
+    data_dir: Path = quality.DEFAULT_DATA_DIR  # MNIST, for image figures
 
 
 @dataclass
@@ -126,15 +131,48 @@ def _opset(path: Path) -> int:
     return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
 
 
-def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[str, Any] | None = None,
-               options: ExportOptions = ExportOptions()) -> Manifest:
-    """Export, verify and publish a run as the next version of ``name``."""
-    run = load_run(run_dir, options.use_ema, options.checkpoint_name)
+def draft_manifest(name: str, run: LoadedRun, options: ExportOptions, files: Path | None = None,
+                   parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Manifest:
+    """The manifest a run publishes (version 0: publish numbers it); without ``files`` the
+    checksums and opset are left blank, enough to check compatibility before any work."""
     config = run.config
     sample_shape = [2] if config.kind == "toy2d" else [config.data.channels, config.data.image_size,
                                                        config.data.image_size]
-    z_inputs, x_inputs = _parity_inputs(config)
     label_input = [LABEL_INPUT] if config.model.num_classes else []
+    spec = lambda file, i, o, i_shape, o_shape: NetworkSpec(  # noqa: E731
+        file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(files / file) if files else "", *label_input)
+    return Manifest(
+        name=name, version=0, kind=config.kind, latent_size=config.model.latent_size,
+        sample_shape=sample_shape, value_range=list(images.VALUE_RANGE),
+        opset=_opset(files / GENERATOR_FILE) if files else 0,
+        generator=spec(GENERATOR_FILE, "z", "samples", [config.model.latent_size], sample_shape),
+        discriminator=spec(DISCRIMINATOR_FILE, "samples", "logits", sample_shape, []),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source_run=str(run.run_dir.resolve()),
+        training={"config": config.to_dict(), "step": run.step, "checkpoint": options.checkpoint_name,
+                  "generator_weights": "ema" if options.use_ema and config.run.ema_decay > 0 else "raw",
+                  "parity": {**(parity or {}), "rtol": options.rtol, "atol": options.atol}},
+        metrics=metrics or {}, num_classes=config.model.num_classes, class_names=list(config.model.class_names))
+
+
+def export_run(run_dir: Path, repository: Repository, name: str, options: ExportOptions = ExportOptions()) -> Manifest:
+    """Export, verify and publish a run as the next version of ``name`` through the publishing
+    gate (dcgan_core.publishing): its interface is checked before anything is measured; with
+    ``options.evaluate`` its figures are measured under the latest version's protocol (and the
+    latest's beside them if its manifest lacks that protocol)."""
+    run = load_run(run_dir, options.use_ema, options.checkpoint_name)
+    latest = repository.latest(name)
+    if latest is not None:
+        publishing.check_compatible(latest, draft_manifest(name, run, options))
+    metrics, incumbent = {}, None
+    if options.evaluate:
+        protocol = publishing.protocol_of(latest.metrics if latest else {})
+        log.info("measuring the candidate's figures (%s)", protocol)
+        metrics = quality.evaluate_generator(run.generator, run.config, protocol, options.data_dir)
+        if metrics and latest is not None and not options.allow_worse:
+            incumbent = quality.incumbent_figures(repository, latest, protocol, options.data_dir)
+    z_inputs, x_inputs = _parity_inputs(run.config)
+    label_input = [LABEL_INPUT] if run.config.model.num_classes else []
 
     def build(folder: Path) -> Manifest:
         parity = {}
@@ -146,20 +184,6 @@ def export_run(run_dir: Path, repository: Repository, name: str, metrics: dict[s
             example = tuple(torch.from_numpy(a[:2]) for a in inputs[1])
             _export(model, example, folder / file, [input_name, *label_input], output_name)
             parity[net] = check_parity(model, folder / file, inputs, options)
-        spec = lambda file, i, o, i_shape, o_shape: NetworkSpec(  # noqa: E731
-            file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(folder / file), *label_input)
-        return Manifest(
-            name=name, version=0, kind=config.kind, latent_size=config.model.latent_size,
-            sample_shape=sample_shape, value_range=list(images.VALUE_RANGE), opset=_opset(folder / GENERATOR_FILE),
-            generator=spec(GENERATOR_FILE, "z", "samples", [config.model.latent_size], sample_shape),
-            discriminator=spec(DISCRIMINATOR_FILE, "samples", "logits", sample_shape, []),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            source_run=str(Path(run_dir).resolve()),
-            training={"config": config.to_dict(), "step": run.step, "checkpoint": options.checkpoint_name,
-                      "generator_weights":
-                      "ema" if options.use_ema and config.run.ema_decay > 0 else "raw",
-                      "parity": {**parity, "rtol": options.rtol, "atol": options.atol}},
-            metrics=metrics or {}, num_classes=config.model.num_classes,
-            class_names=list(config.model.class_names))
+        return draft_manifest(name, run, options, folder, parity, metrics)
 
-    return repository.publish(name, build)
+    return repository.publish(name, build, options.allow_worse, incumbent)

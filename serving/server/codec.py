@@ -137,6 +137,7 @@ def model_info(card: ModelCard) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=card.name, kind=card.kind, latent_size=card.latent_size, sample_shape=card.sample_shape,
         latest_version=card.latest_version, num_classes=card.num_classes, class_names=card.class_names,
+        version_policy=card.version_policy,
         versions=[pb.VersionInfo(version=v.version, state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNLOADED),
                                  provider=v.provider,
                                  error=v.error, manifest_json=v.manifest_json) for v in card.versions])

@@ -123,6 +123,7 @@ class ModelCard:
     sample_shape: list[int] = field(default_factory=list)
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
+    version_policy: str = ""
 
 
 def model_card(entry: ModelEntry) -> ModelCard:
@@ -133,12 +134,12 @@ def model_card(entry: ModelEntry) -> ModelCard:
     if manifests:
         m = manifests[-1]
         return ModelCard(entry.name, versions, ready[-1], m.kind, m.latent_size, list(m.sample_shape),
-                         m.num_classes, list(m.class_names))
+                         m.num_classes, list(m.class_names), entry.policy)
     for state in entry.versions.values():  # describe a failed model from its manifest, if readable
         with contextlib.suppress(ValueError, KeyError, TypeError):
             data = json.loads(state.manifest_json)
-            return ModelCard(entry.name, versions, 0, data["kind"], data["latent_size"])
-    return ModelCard(entry.name, versions)
+            return ModelCard(entry.name, versions, 0, data["kind"], data["latent_size"], version_policy=entry.policy)
+    return ModelCard(entry.name, versions, version_policy=entry.policy)
 
 
 def resolve_encoding(encoding: str, manifest: Manifest) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dcgan_core.repository import MANIFEST_NAME, Fingerprint, Manifest, Repository, RepositoryError
 from serving.server.batcher import BatchStats, DynamicBatcher
-from serving.server.config import ServeConfig
+from serving.server.config import ServeConfig, VersionPolicy
 from serving.server.errors import InvalidArgument, NotFound, quoted
 from serving.server.metrics import ServingMetrics
 from serving.server.runtime import OnnxNetwork, execution_plan
@@ -86,6 +86,7 @@ class VersionEntry:
 class ModelEntry:
     name: str
     versions: dict[int, VersionEntry] = field(default_factory=dict)
+    policy: str = ""  # the version policy that chose them: a pin in the repository, else the server's
 
     def ready(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state == READY)
@@ -147,6 +148,7 @@ class ModelStore:
         self._models: dict[str, ModelEntry] = {}
         self._closed = False  # after close(), a rescan still running publishes nothing
         self.default_model = ""
+        self.pins: dict[str, int] = {}  # repository.json's pins, as of the last rescan
         self._scanned = threading.Condition()  # notified after every rescan, for wait_until
 
     def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
@@ -176,10 +178,10 @@ class ModelStore:
         names = self.repository.models()
         problems: list[RepositoryError] = []
         try:
-            self.default_model = self.repository.default_model()
+            self.default_model, self.pins = self.repository.default_model(), self.repository.pins()
         except RepositoryError as exc:
             problems.append(exc)
-            log.error("%s; keeping default model %r", exc, self.default_model)
+            log.error("%s; keeping default model %r and pins %s", exc, self.default_model, self.pins)
         with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="model-load") as pool:
             results = list(pool.map(self._refresh, names))
         changed = any(changed for changed, _ in results)
@@ -211,8 +213,8 @@ class ModelStore:
         ``latest:N`` counts only versions that loaded, newest first: a broken new version is
         reported as FAILED but never pushes out a working older one.
         """
-        policy = self.config.policy(name)
-        entry, ready = ModelEntry(name), 0
+        text = self.policy_text(name)
+        policy, entry, ready = VersionPolicy.parse(text), ModelEntry(name, policy=text), 0
         for version in reversed(self.repository.versions(name)):
             if not policy.selects(version):
                 continue
@@ -324,7 +326,12 @@ class ModelStore:
             on_disk = version in self.repository.versions(name)
         except RepositoryError as exc:  # unreadable meanwhile: say so, the loaded versions still serve
             return f"is not loaded ({exc})"
-        return f"is not loaded (version policy {self.config.policy_text(name)})" if on_disk else "does not exist"
+        return f"is not loaded (version policy {self.policy_text(name)})" if on_disk else "does not exist"
+
+    def policy_text(self, name: str) -> str:
+        """A pin (``dcgan-repo pin``) overrides the server's policy: the operator's rollback."""
+        pinned = self.pins.get(name)
+        return f"specific:{pinned}" if pinned else self.config.policy_text(name)
 
     @contextlib.contextmanager
     def use(self, name: str, version: int) -> Iterator[LoadedVersion]:
