@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dcgan_core.atomic import atomic_write_bytes
 
@@ -20,6 +20,8 @@ from dcgan_core.atomic import atomic_write_bytes
 VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)
 #: Decoded images larger than this many pixels are refused before decoding (decompression bombs).
 MAX_DECODE_PIXELS = 4096 * 4096
+#: Suffixes of the pictures the tools write, and their Pillow formats.
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF"}
 #: File suffixes read as images (training folders, score jobs): what Pillow decodes here.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -68,6 +70,9 @@ def decode_image(data: bytes, channels: int = 0, size: int | None = None) -> np.
                 raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
             img.load()
             converted = to_8bit(img, channels)
+    except UnidentifiedImageError:  # its message is the repr of our BytesIO: useless to the sender
+        raise ValueError(f"cannot decode image: {len(data)} bytes in no image format Pillow reads "
+                         f"(PNG, JPEG, ...)") from None
     except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from exc
     return pil_to_chw(converted)
@@ -141,12 +146,33 @@ def save_png(image_chw: np.ndarray, path: str | Path) -> None:
     atomic_write_bytes(Path(path), encode_png(image_chw))
 
 
+def picture_format(path: str | Path) -> str:
+    """The Pillow format a picture's suffix asks for; any other suffix is a ValueError naming them."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_FORMATS:
+        raise ValueError(f"{path}: cannot write {suffix or 'a file without a suffix'}; pictures are "
+                         f"{', '.join(PICTURE_FORMATS)}")
+    return PICTURE_FORMATS[suffix]
+
+
+def enlarge(image: Image.Image, scale: int) -> Image.Image:
+    """Nearest-neighbour enlargement: each pixel becomes a ``scale`` x ``scale`` block (a 28-pixel
+    digit is too small to look at, and smoothing would invent detail the model did not make)."""
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def save_picture(image_chw: np.ndarray, path: str | Path, scale: int = 1) -> None:
+    """Write one uint8 CHW image atomically, enlarged ``scale`` times, in the format of its suffix."""
+    buffer = io.BytesIO()
+    enlarge(to_pil(image_chw), scale).save(buffer, format=picture_format(path))
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
 def encode_gif(frames: np.ndarray, duration_ms: int = 80, scale: int = 4) -> bytes:
-    """uint8 NCHW frames as an animated GIF that loops, each frame enlarged ``scale`` times
-    (nearest neighbour: a 28x28 digit is too small to watch)."""
-    pictures = [to_pil(frame) for frame in frames]
-    if scale > 1:
-        pictures = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in pictures]
+    """uint8 NCHW frames as an animated GIF that loops, each frame enlarged ``scale`` times."""
+    pictures = [enlarge(to_pil(frame), scale) for frame in frames]
     buffer = io.BytesIO()
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms,
                      loop=0)

@@ -8,11 +8,10 @@ Nothing is deleted. Exit codes: 0 done, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from dcgan_core import locking, publishing
+from dcgan_core import helptext, locking, publishing
 from dcgan_core.repository import ENVIRONMENT, Repository, RepositoryError, default_root
 
 
@@ -37,19 +36,18 @@ def _list(repository: Repository) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcgan-repo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-repo", __doc__)
     parser.add_argument("--repository", type=Path, default=default_root(),
                         help=f"model repository root (default: ${ENVIRONMENT}, else %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="models, versions, pins, figures and whether the latest validates")
-    show = commands.add_parser("show", help="one version's manifest, validated (sha256 included)")
+    helptext.subcommand(commands, "list", "models, versions, pins, figures and whether the latest validates")
+    show = helptext.subcommand(commands, "show", "one version's manifest, validated (sha256 included)")
     show.add_argument("name")
     show.add_argument("version", type=int, nargs="?", help="default: latest")
-    pin = commands.add_parser("pin", help="serve only this version of the model (roll back)")
+    pin = helptext.subcommand(commands, "pin", "serve only this version of the model (roll back)")
     pin.add_argument("name")
     pin.add_argument("version", type=int)
-    unpin = commands.add_parser("unpin", help="return the model to the servers' version policy")
+    unpin = helptext.subcommand(commands, "unpin", "return the model to the servers' version policy")
     unpin.add_argument("name")
     args = parser.parse_args(argv)
     repository = Repository(args.repository)

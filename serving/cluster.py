@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from dcgan_core import helptext
 from serving import processes
 from serving.wire import SERVICE_NAME
 
@@ -261,8 +262,7 @@ def local_cluster(replicas: int, work_dir: Path, serve_args: list[str], port: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcgan-cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-cluster", __doc__)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--port", type=int, default=50051, help="Envoy's gRPC port (default: 50051; 0: a free one)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port, on 127.0.0.1 (0: a free one)")

@@ -111,10 +111,15 @@ def test_the_cli_samples_a_class_a_per_class_grid_and_scores_a_class(server, cli
     from serving.client.cli import main
 
     target = ["--target", f"127.0.0.1:{server.port}"]
-    assert main([*target, "sample", "--model", "cond", "--per-class", "4", "--seed", "1",
+    assert main([*target, "sample", "--model", "cond", "--per-class", "4", "--seed", "1", "--scale", "1",
                  "--out", str(tmp_path / "grid.png")]) == 0
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.height == 2 + 3 * (28 + 2) and grid.width > 2 + 4 * (28 + 2)  # 3 rows + the label margin
+        small = np.asarray(grid)
+    assert main([*target, "sample", "--model", "cond", "--per-class", "4", "--seed", "1",
+                 "--out", str(tmp_path / "grid.webp")]) == 0
+    with Image.open(tmp_path / "grid.webp") as enlarged:  # the default for pictures people look at: 4x
+        assert enlarged.format == "WEBP" and enlarged.size == (4 * small.shape[1], 4 * small.shape[0])
     assert main([*target, "sample", "--model", "cond", "--label", "2", "--count", "5", "--seed", "1",
                  "--out-dir", str(tmp_path / "twos")]) == 0
     made = sorted((tmp_path / "twos").glob("*.png"))
@@ -123,7 +128,7 @@ def test_the_cli_samples_a_class_a_per_class_grid_and_scores_a_class(server, cli
     capsys.readouterr()
     assert main([*target, "score", "--model", "cond", "--label", "1", *map(str, made[:2])]) == 0
     out = capsys.readouterr().out
-    assert "class" in out.splitlines()[0] and out.splitlines()[1].split()[-1] == "1"
+    assert out.splitlines()[1].endswith("cond v1 class 1")
     assert main([*target, "sample-job", "--model", "cond", "--label", "0", "--count", "6", "--chunk", "3",
                  "--out-dir", str(tmp_path / "job"), "--no-progress"]) == 0
     reference = client.sample(3, model="cond", seed=0, labels=0, encoding="png").png

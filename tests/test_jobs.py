@@ -183,7 +183,7 @@ def test_a_job_waits_for_a_server_that_is_not_there_yet(serving_repo, image_fold
     job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in job.stderr:  # the job says it is waiting: now bring the server up
-            if "retrying for up to" in line:
+            if "waiting for a server at" in line:
                 break
         else:
             pytest.fail(f"the job ended without waiting: {job.stdout.read()}")

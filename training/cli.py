@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dcgan_core import settings
+from dcgan_core import helptext, settings
 from dcgan_core.locking import Locked
 from training import distributed
-from training.checkpoint import CheckpointError
+from training.checkpoint import BEST_NAME, CheckpointError
 from training.config import PRESETS, TOY_DATASETS, ConfigError, TrainConfig, load_config, parse_override
 from training.data import DataError
 from training.gan_step import gan_run
@@ -33,8 +33,7 @@ SHORTHANDS = {"data_dir": "data.path", "run_dir": "run.run_dir", "epochs": "run.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dcgan-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-train", __doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="starting point for the config")
     parser.add_argument("--config", type=Path, help="TOML file with [data] [model] [optim] [loss] [run] tables")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -61,6 +60,15 @@ DRY_RUN = {
     "optim": {"batch_size": 16},
     "run": {"epochs": 1, "max_steps": 4},
 }
+
+
+def next_steps(run_dir: Path, evaluated: bool) -> str:
+    """What to publish: best.pt when the run kept one (its best in-training evaluation)."""
+    best = Path(run_dir) / BEST_NAME
+    if evaluated and best.exists():
+        return (f"best evaluation kept in {best}; publish it with: dcgan-export {run_dir} --best --name NAME "
+                f"(the last checkpoint: without --best)")
+    return f"publish the last checkpoint with: dcgan-export {run_dir} --name NAME"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         metrics = " ".join(f"{k}={v:.4f}" for k, v in result.last_metrics.items())
         log.info("done: step %d (epoch %.2f) in %s; %s", result.step, result.epoch, result.run_dir, metrics)
+        log.info("%s", next_steps(result.run_dir, config.run.eval_every > 0))
     return 0
 
 

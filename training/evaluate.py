@@ -8,7 +8,6 @@ Exit codes: 0 done, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcgan_core import images
+from dcgan_core import helptext, images
 from dcgan_core.atomic import atomic_write_text
 from dcgan_core.latents import latents
 from training import metrics
@@ -143,8 +142,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="dcgan-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-eval", __doc__)
     parser.add_argument("source", type=Path)
     parser.add_argument("--count", type=int, default=10000, help="samples drawn from a generator")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dcgan_core import publishing
+from dcgan_core import helptext, publishing
 from dcgan_core.repository import ENVIRONMENT, Repository, RepositoryError, default_root
 from training import quality
 from training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError
@@ -24,8 +24,7 @@ from training.export import ExportError, ExportOptions, export_run
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-export", __doc__)
     parser.add_argument("run_dir", type=Path, help="training run directory (holds checkpoint.pt)")
     parser.add_argument("--repository", type=Path, default=default_root(),
                         help=f"model repository root (default: ${ENVIRONMENT}, else %(default)s)")

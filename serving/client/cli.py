@@ -1,51 +1,89 @@
-"""``dcgan-client``: sample images, score image files, list models.
+"""``dcgan-client``: sample images (or points), score image files, list models.
 
-    dcgan-client sample --count 64 --seed 1 --out grid.png
-    dcgan-client sample --count 16 --seed 1 --out-dir samples/
-    dcgan-client score a.png b.png
     dcgan-client models
+    dcgan-client sample --count 64 --seed 1 --out grid.png          (.png .jpg .webp .gif; --scale N)
+    dcgan-client sample --count 16 --seed 1 --out-dir samples/
+    dcgan-client sample --model toy-ring --count 1000 --out points.csv  (or .npy: the raw samples)
+    dcgan-client score a.png b.png some/folder/
     dcgan-client sample --model mnist-cond --label 7 --count 16 --out sevens.png
     dcgan-client sample --model mnist-cond --per-class 8 --out grid.png
     dcgan-client sample --count 64 --seed 1 --truncation 1.0 --out truncated.png
     dcgan-client sample --count 64 --seed 1 --min-score 0.5 --out convincing.png
-    dcgan-client walk --from-seed 1 --to-seed 2 --steps 32 --out walk.gif    (or a PNG strip: --out strip.png)
+    dcgan-client walk --from-seed 1 --to-seed 2 --steps 32 --out walk.gif    (or a strip: --out strip.png)
+    dcgan-client --local exported/mnist-dcgan/3 sample --count 16 --out grid.png   (no server needed)
+
+The server is --target, else $DCGAN_TARGET, else localhost:50051.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from dcgan_core import images
-from dcgan_core.atomic import atomic_write_bytes
+import numpy as np
+
+from dcgan_core import helptext, images
+from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
 from serving import wire
 from serving.client import jobs
 from serving.client.library import ClientError, Controls, InferenceClient, InvalidArgumentError
+
+TARGET_ENVIRONMENT = "DCGAN_TARGET"
+ARRAY_SUFFIXES = (".npy", ".csv")  # --out of raw samples: points of toy models, or images as numbers
+GRID_SCALE = 4  # pictures people look at: 28-pixel cells become 112 pixels
 
 
 def _controls(args: argparse.Namespace) -> Controls:
     return Controls(args.truncation, args.min_score, args.keep_top)
 
 
+def _save_array(array: np.ndarray, path: Path) -> None:
+    """Raw samples: .npy as served (float32 points, uint8 images), .csv one sample per row."""
+    if path.suffix.lower() == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        atomic_write_bytes(path, buffer.getvalue())
+        return
+    rows = array.reshape(len(array), -1)
+    header = "x,y" if rows.shape[1] == 2 else ",".join(f"v{i}" for i in range(rows.shape[1]))
+    body = "\n".join(",".join(f"{v:.6g}" for v in row) for row in rows)
+    atomic_write_text(path, f"{header}\n{body}\n")
+
+
 def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
     if bool(args.out) == bool(args.out_dir):
-        raise SystemExit("dcgan-client sample: give exactly one of --out GRID.png or --out-dir DIR")
+        raise SystemExit("dcgan-client sample: give exactly one of --out FILE or --out-dir DIR")
     if args.per_class:
         return _per_class_grid(client, args)
+    raw = bool(args.out) and Path(args.out).suffix.lower() in ARRAY_SUFFIXES
+    if args.out and not raw:
+        images.picture_format(args.out)  # a bad suffix fails before the call
     batch = client.sample(args.count, model=args.model, version=args.version, seed=args.seed,
-                          encoding="png" if args.out_dir else "uint8", labels=args.label, controls=_controls(args))
+                          encoding="auto" if raw else "png" if args.out_dir else "uint8", labels=args.label,
+                          controls=_controls(args))
     drawn = f" (kept from {batch.candidates} candidates)" if batch.candidates else ""
     if args.out:
-        images.save_png(images.make_grid(batch.images), args.out)
+        if raw:
+            _save_array(batch.images, Path(args.out))
+        else:
+            images.save_picture(images.make_grid(batch.images), args.out, args.scale or GRID_SCALE)
         print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, "
               f"seed {batch.seed}{drawn}")
         return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for index, blob in enumerate(batch.png):
-        atomic_write_bytes(out / f"seed{batch.seed}_{index:05d}.png", blob)
+    for index, (blob, pixels) in enumerate(zip(batch.png, batch.images)):
+        path = out / f"seed{batch.seed}_{index:05d}.png"
+        if args.scale and args.scale > 1:
+            images.save_picture(pixels, path, args.scale)
+        else:
+            atomic_write_bytes(path, blob)
     print(f"wrote {len(batch.png)} PNGs to {out} ({batch.model} v{batch.version}, seed {batch.seed})")
 
 
@@ -60,55 +98,75 @@ def _per_class_grid(client: InferenceClient, args: argparse.Namespace) -> None:
     if args.min_score is not None or args.keep_top is not None:
         raise SystemExit("dcgan-client sample: --per-class takes no --min-score or --keep-top (guided sampling "
                          "draws one class per request); use --label with --count for one class")
+    images.picture_format(args.out)
     labels = [c for c in range(info.num_classes) for _ in range(args.per_class)]
     batch = client.sample(len(labels), model=args.model, version=args.version, seed=args.seed, labels=labels,
                           controls=Controls(truncation=args.truncation))
     grid = images.make_grid(batch.images, args.per_class)
     names = list(info.class_names) or [str(c) for c in range(info.num_classes)]
-    images.save_png(images.caption_rows(grid, names, batch.images.shape[2]), args.out)
+    images.save_picture(images.caption_rows(grid, names, batch.images.shape[2]), args.out, args.scale or GRID_SCALE)
     print(f"wrote {args.out}: {args.per_class} samples per class of {batch.model} v{batch.version}, seed {batch.seed}")
 
 
 def _walk(client: InferenceClient, args: argparse.Namespace) -> None:
-    """Frames of a latent walk as an animated GIF (.gif) or one PNG strip (.png)."""
-    suffix = Path(args.out).suffix.lower()
-    if suffix not in (".gif", ".png"):
-        raise SystemExit(f"dcgan-client walk: --out must end in .gif (animation) or .png (strip), got {args.out}")
+    """Frames of a latent walk as an animated GIF (.gif) or one strip picture (.png, .jpg, .webp)."""
+    images.picture_format(args.out)
     walk = client.walk((args.from_seed, args.from_index), (args.to_seed, args.to_index), args.steps,
                        interpolation=args.interpolation, model=args.model, version=args.version,
                        encoding="uint8", truncation=args.truncation, labels=(args.label, args.label))
-    if suffix == ".gif":
-        atomic_write_bytes(Path(args.out), images.encode_gif(walk.images, args.frame_ms))
+    scale = args.scale or GRID_SCALE
+    if Path(args.out).suffix.lower() == ".gif":
+        atomic_write_bytes(Path(args.out), images.encode_gif(walk.images, args.frame_ms, scale))
     else:
-        images.save_png(images.make_grid(walk.images, len(walk.images)), args.out)
+        images.save_picture(images.make_grid(walk.images, len(walk.images)), args.out, scale)
     print(f"wrote {args.out}: {len(walk.images)} frames of {walk.model} v{walk.version}, seed {args.from_seed}"
           f"[{args.from_index}] -> seed {args.to_seed}[{args.to_index}] by {args.interpolation}")
 
 
-def _score(client: InferenceClient, args: argparse.Namespace) -> None:
-    blobs = [Path(f).read_bytes() for f in args.files]
-    scores = client.score(blobs, model=args.model, version=args.version, labels=args.label)
-    width = max(len(f) for f in args.files)
-    label_column = "  class" if scores.labels is not None else ""
-    print(f"{'file':<{width}}  p(real)   logit{label_column}    ({scores.model} v{scores.version})")
-    for index, (name, p, logit) in enumerate(zip(args.files, scores.probabilities, scores.logits)):
-        label = f"  {scores.labels[index]:5d}" if scores.labels is not None else ""
-        print(f"{name:<{width}}  {p:7.4f}  {logit:8.3f}{label}")
+def _score(client: InferenceClient, args: argparse.Namespace) -> int:
+    """Files and folders (their images), scored in batches; a file that fails is named and
+    skipped, and the exit status says so (1)."""
+    paths = [p for spec in args.files for p in (jobs.list_inputs(spec) if Path(spec).is_dir() else [spec])]
+    if not paths:
+        raise jobs.JobError(f"no image files in {', '.join(args.files)}")
+    records = jobs.score_paths(client, paths, args.model, args.version, args.label, args.batch)
+    width = max(len(r["path"]) for r in records)
+    print(f"{'file':<{width}}  p(real)   logit  model")
+    for r in records:
+        if r.get("error"):
+            print(f"{r['path']:<{width}}  skipped: {r['error']}")
+        else:
+            label = f" class {r['label']}" if r.get("label") is not None else ""
+            print(f"{r['path']:<{width}}  {r['probability']:7.4f}  {r['logit']:8.3f}  "
+                  f"{r['model']} v{r['version']}{label}")
+    failed = sum(1 for r in records if r.get("error"))
+    if failed:
+        print(f"dcgan-client score: {failed} of {len(records)} files could not be scored", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _figures(manifest_json: str) -> str:
+    metrics = json.loads(manifest_json).get("metrics", {}) if manifest_json else {}
+    keys = ("fd", "is", "consistency", "modes_covered", "high_quality")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
 
 
 def _models(client: InferenceClient, args: argparse.Namespace) -> None:
     listing = client.models()
     for info in listing.models:
-        versions = ", ".join(f"v{v.version} {('READY', 'FAILED', 'UNLOADED')[v.state - 1] if v.state else '?'}"
-                             + (f" on {v.provider}" if v.provider else "") + (f" ({v.error})" if v.error else "")
-                             for v in info.versions)
         default = " (default)" if info.name == listing.default_model else ""
         shape = "x".join(map(str, info.sample_shape))
-        print(f"{info.name}{default}: {info.kind} {shape}, latent {info.latent_size}; {versions}")
-        if args.verbose:
-            for v in info.versions:
-                if v.manifest_json:
-                    print(json.dumps(json.loads(v.manifest_json).get("metrics", {}), indent=2))
+        classes = f", classes {', '.join(info.class_names) or info.num_classes}" if info.num_classes else ""
+        print(f"{info.name}{default}: {info.kind} {shape}, latent {info.latent_size}{classes}; "
+              f"policy {info.version_policy or '?'}")
+        for v in info.versions:
+            state = ("READY", "FAILED", "UNLOADED")[v.state - 1] if v.state else "?"
+            where = f" on {v.provider}" if v.provider else ""
+            figures = _figures(v.manifest_json)
+            print(f"  v{v.version} {state}{where}" + (f"  {figures}" if figures else "")
+                  + (f" ({v.error})" if v.error else ""))
+            if args.verbose and v.manifest_json:
+                print(json.dumps(json.loads(v.manifest_json).get("metrics", {}), indent=2))
 
 
 def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
@@ -125,12 +183,14 @@ def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan-client", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="localhost:50051",
-                        help="server or Envoy address (default: localhost:50051); several replicas as "
-                             "IP:PORT,IP:PORT or dns:///NAME:PORT are balanced per call (round_robin)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser = helptext.parser("dcgan-client", __doc__)
+    parser.add_argument("--target", default=os.environ.get(TARGET_ENVIRONMENT) or "localhost:50051",
+                        help=f"server or Envoy address (default: ${TARGET_ENVIRONMENT}, else localhost:50051); "
+                             "several replicas as IP:PORT,IP:PORT or dns:///NAME:PORT are balanced per call")
+    parser.add_argument("--local", type=Path, metavar="PATH",
+                        help="no server: serve this model version folder (<repo>/<model>/<version>) or "
+                             "training run here, in-process, for this one command (needs the serve extra)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default: %(default)s)")
     parser.add_argument("--tls-ca", help="CA certificate (PEM) to trust: connect with TLS")
     parser.add_argument("--token-file", help="file holding the bearer token (needs --tls-ca)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,47 +199,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_commands(commands: argparse._SubParsersAction) -> None:
-    sample = commands.add_parser("sample", help="generate images")
-    sample.add_argument("--count", type=int, default=64)
+    sample = helptext.subcommand(commands, "sample", "generate images")
+    sample.add_argument("--count", type=int, default=64, help="samples (default: %(default)s)")
     sample.add_argument("--seed", type=int, help="same seed, same images (default: the server draws one)")
-    sample.add_argument("--out", help="write one grid PNG")
-    sample.add_argument("--out-dir", help="write one PNG per sample")
+    sample.add_argument("--out", help=f"one grid picture ({', '.join(images.PICTURE_FORMATS)}), or the raw samples "
+                                      f"({', '.join(ARRAY_SUFFIXES)}: toy models' points)")
+    sample.add_argument("--out-dir", help="one PNG per sample")
     sample.add_argument("--per-class", type=int, help="conditional models: a grid (--out) of this many "
                                                       "samples per class, one labelled row per class")
-    walk = commands.add_parser("walk", help="frames along a path between two latent points (GIF or PNG strip)")
+    walk = helptext.subcommand(commands, "walk", "frames along a path between two latent points (GIF or PNG strip)")
     walk.add_argument("--from-seed", type=int, required=True, help="start: sample --from-index of this seed")
     walk.add_argument("--from-index", type=int, default=0)
     walk.add_argument("--to-seed", type=int, required=True, help="end: sample --to-index of this seed")
     walk.add_argument("--to-index", type=int, default=0)
     walk.add_argument("--steps", type=int, default=32, help="frames, both ends included (default: 32)")
     walk.add_argument("--interpolation", choices=list(wire.INTERPOLATIONS), default="slerp")
-    walk.add_argument("--out", required=True, help="walk.gif (animation) or strip.png (one row)")
+    walk.add_argument("--out", required=True, help="walk.gif (animation) or a strip picture (.png, .jpg, .webp)")
     walk.add_argument("--frame-ms", type=int, default=80, help="GIF frame duration (default: 80)")
-    score = commands.add_parser("score", help="probability of being real for image files")
-    score.add_argument("files", nargs="+")
-    score_job = commands.add_parser("score-job", help="score many files into CSV/JSONL, resumably")
+    score = helptext.subcommand(commands, "score", "probability of being real for image files")
+    score.add_argument("files", nargs="+", help="image files and folders (their images, recursively)")
+    score.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
+    score_job = helptext.subcommand(commands, "score-job", "score many files into CSV/JSONL, resumably")
     score_job.add_argument("--input", required=True, help="a folder, a glob pattern, or a file listing paths")
     score_job.add_argument("--output", required=True, help="results .csv or .jsonl (appended; rerun to resume)")
-    score_job.add_argument("--batch", type=int, default=64, help="images per request")
-    sample_job = commands.add_parser("sample-job", help="generate many PNGs, resumably")
+    score_job.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
+    sample_job = helptext.subcommand(commands, "sample-job", "generate many PNGs, resumably")
     sample_job.add_argument("--count", type=int, required=True)
     sample_job.add_argument("--out-dir", required=True)
     sample_job.add_argument("--seed", type=int, default=0, help="chunk k uses seed + k")
-    sample_job.add_argument("--chunk", type=int, default=256, help="images per request")
+    sample_job.add_argument("--chunk", type=int, default=256, help="images per request (default: %(default)s)")
     sample_job.add_argument("--label", type=int, help="conditional models: the class of every sample")
     for sub in (score_job, sample_job):
         sub.add_argument("--model", default="")
-        sub.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+        sub.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
         sub.add_argument("--wait-s", type=float, default=jobs.DEFAULT_PATIENCE_S,
                          help="how long to wait out an absent or overloaded server, with backoff (default: 600)")
         sub.add_argument("--no-progress", action="store_true")
-    models = commands.add_parser("models", help="models, versions and their state")
+    models = helptext.subcommand(commands, "models", "models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
     for sub in (sample, score, walk):
         sub.add_argument("--model", default="", help="model name (default: the server's default model)")
-        sub.add_argument("--version", type=int, default=0, help="version (default: latest)")
+        sub.add_argument("--version", type=int, default=0, help="version (default: the latest ready one)")
         sub.add_argument("--label", type=int, help="conditional models: the class of every image "
                                                    "(default: drawn from the seed / the most likely class)")
+    for sub in (sample, walk):
+        sub.add_argument("--scale", type=int, help=f"enlarge pictures N times, nearest neighbour (default: "
+                                                   f"{GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
     for sub in (sample, sample_job, walk):
         sub.add_argument("--truncation", type=float, help="redraw latent entries with |z| above this (>= 0.1)")
     for sub in (sample, sample_job):
@@ -194,16 +259,34 @@ COMMANDS = {"sample": _sample, "score": _score, "models": _models, "walk": _walk
             "sample-job": _sample_job}
 
 
+@contextlib.contextmanager
+def _target(args: argparse.Namespace) -> Iterator[str]:
+    """--target, or with --local a server started here for this command."""
+    if args.local is None:
+        yield args.target
+        return
+    try:
+        from serving.client.local import local_server
+    except ModuleNotFoundError as exc:
+        raise jobs.JobError(f"--local needs the 'serve' extra ({exc.name} is not installed): "
+                            f"pip install 'dcgan[serve]'") from None
+    with local_server(args.local) as target:
+        yield target
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a usage error (a bad flag or value, refused here or by the server as
-    INVALID_ARGUMENT, or an unreadable file), 1 any other failure of the call."""
+    INVALID_ARGUMENT, or an unreadable file), 1 any other failure of the call (and score: some
+    files could not be scored)."""
     args = build_parser().parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         patient = args.command in ("score-job", "sample-job")  # jobs wait for the server to come (back)
-        with InferenceClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, token=token,
-                             wait_for_ready=patient) as client:
-            COMMANDS[args.command](client, args)
+        with _target(args) as target, InferenceClient(target, timeout=args.timeout, tls_ca=args.tls_ca,
+                                                      token=token, wait_for_ready=patient) as client:
+            if patient:
+                jobs.await_server(client, target, args.wait_s)
+            return COMMANDS[args.command](client, args) or 0
     except InvalidArgumentError as exc:
         print(f"dcgan-client: error: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"dcgan-client: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

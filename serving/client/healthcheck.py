@@ -5,17 +5,17 @@ For container health checks and load-balancer probes: ``--service`` checks one m
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dcgan_core import helptext
 from serving import security
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.client.healthcheck", description=__doc__)
+    parser = helptext.parser("python -m serving.client.healthcheck", __doc__)
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--service", default="", help='"" for the whole server, or a model name')
     parser.add_argument("--timeout", type=float, default=3.0)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -103,7 +104,7 @@ class ResultFile:
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         buffer = io.StringIO()
         if self.csv:
-            writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n")
+            writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n", extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerows(records)
@@ -134,7 +135,8 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
-def _score_batch(client: InferenceClient, paths: list[str], model: str, patience_s: float) -> list[dict]:
+def _score_batch(client: InferenceClient, paths: list[str], model: str, patience_s: float, version: int = 0,
+                 label: int | None = None) -> list[dict]:
     """Score files together; an invalid image is recorded for its file, the others still scored."""
     blobs, records = [], []
     for path in paths:
@@ -147,14 +149,37 @@ def _score_batch(client: InferenceClient, paths: list[str], model: str, patience
     if not readable:
         return records
     try:
-        scores = with_retries(lambda: client.score([b for _, b in readable], model=model), patience_s)
+        scores = with_retries(lambda: client.score([b for _, b in readable], model=model, version=version,
+                                                   labels=label), patience_s)
     except InvalidArgumentError as exc:
         if len(readable) == 1:
             return records + [{"path": readable[0][0], "error": exc.details}]
-        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, patience_s)]
+        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, patience_s, version, label)]
+    labels = scores.labels if scores.labels is not None else [None] * len(readable)
     return records + [{"path": p, "probability": float(prob), "logit": float(logit), "model": scores.model,
-                       "version": scores.version}
-                      for (p, _), prob, logit in zip(readable, scores.probabilities, scores.logits)]
+                       "version": scores.version, "label": None if y is None else int(y)}
+                      for (p, _), prob, logit, y in zip(readable, scores.probabilities, scores.logits, labels)]
+
+
+def score_paths(client: InferenceClient, paths: list[str], model: str = "", version: int = 0,
+                label: int | None = None, batch: int = 64) -> list[dict]:
+    """One record per path, in order: its scores, or the error that kept it from being scored."""
+    records = {r["path"]: r for chunk in _chunks(list(dict.fromkeys(paths)), batch)
+               for r in _score_batch(client, chunk, model, 0.0, version, label)}
+    return [records[p] for p in dict.fromkeys(paths)]
+
+
+def await_server(client: InferenceClient, target: str, patience_s: float, report_every_s: float = 10.0) -> None:
+    """Wait for the server to answer, saying so on stderr while it does not (a job started
+    before its server, or while it restarts, should not look hung); JobError after ``patience_s``."""
+    start, probe_s = time.monotonic(), 1.0  # the first report comes quickly, then every report_every_s
+    while not client.ready(min(probe_s, max(0.1, patience_s - (time.monotonic() - start)))):
+        probe_s = report_every_s
+        waited = time.monotonic() - start
+        if waited >= patience_s:
+            raise JobError(f"no server answered at {target} within {patience_s:.0f} s (--wait-s)")
+        print(f"dcgan-client: waiting for a server at {target} ({waited:.0f} s of up to {patience_s:.0f} s)",
+              file=sys.stderr, flush=True)
 
 
 def score_job(client: InferenceClient, inputs: list[str], output: Path, model: str = "", batch: int = 64,

@@ -155,6 +155,14 @@ class InferenceClient:
     def close(self) -> None:
         self.channel.close()
 
+    def ready(self, timeout: float) -> bool:
+        """Whether the channel connects to a server within ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
     def _request(self, count: int, model: str, version: int, seed: int | None, latents: np.ndarray | None,
                  encoding: str, include_scores: bool, labels: Sequence[int] | int | None = None,
                  controls: Controls = Controls()) -> pb.SampleRequest:

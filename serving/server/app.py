@@ -25,7 +25,7 @@ from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dcgan_core import settings
+from dcgan_core import helptext, settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
 from serving.processes import LISTENING
@@ -135,7 +135,11 @@ class InferenceServer:
             self.watcher.start()
         if self.config.metrics_port >= 0:
             host = self.config.metrics_host or self.config.host.strip("[]")
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, host)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.metrics_port, host)
+            except OSError:
+                self.stop(grace=0)
+                raise
             log.info("Prometheus metrics on %s port %d", host, self.metrics_port)
         log.info("serving %s on port %d", self.describe(), self.port)
         return self
@@ -172,8 +176,7 @@ class InferenceServer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan-serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = helptext.parser("dcgan-serve", __doc__)
     parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (flags win)")
     settings.add_flags(parser, ServeConfig)
     return parser

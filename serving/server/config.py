@@ -9,6 +9,8 @@ from typing import Any
 from dcgan_core import DEVICES, settings
 from dcgan_core.settings import SettingsError, setting
 
+MAX_PORT = 65535
+
 
 class ServeConfigError(SettingsError):
     """A server setting that cannot be used."""
@@ -90,6 +92,9 @@ class ServeConfig:
                     "max_candidates", "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
+        for key, lowest in (("port", 0), ("metrics_port", -1)):
+            if not lowest <= getattr(self, key) <= MAX_PORT:
+                raise ServeConfigError(f"{key} = {getattr(self, key)} must be between {lowest} and {MAX_PORT}")
         if self.device not in DEVICES:
             raise ServeConfigError(f"device = {self.device!r} must be {' or '.join(DEVICES)}")
         non_negative = ("max_queue_delay_ms", "grace_s", "poll_s", "max_concurrent_rpcs", "ort_threads",

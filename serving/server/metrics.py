@@ -33,5 +33,8 @@ class ServingMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # its message names no address: say which one
+            raise OSError(exc.errno, f"cannot serve metrics on {host or '*'} port {port}: {exc.strerror}") from None
         return server.server_port
