@@ -40,13 +40,14 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+PORT ?= 50051
 serve: setup
-	$(VENV)/bin/dcgan-serve --repository exported --port 50051
+	$(VENV)/bin/dcgan-serve --repository exported --port $(PORT)
 
 # REPLICAS dcgan-serve processes on free ports behind Envoy on port 50051 (no containers).
 REPLICAS ?= 2
 serve-cluster: setup
-	$(VENV)/bin/dcgan-cluster --replicas $(REPLICAS) --port 50051 -- --repository exported
+	$(VENV)/bin/dcgan-cluster --replicas $(REPLICAS) --port $(PORT) -- --repository exported
 
 train-mnist: setup
 	$(VENV)/bin/dcgan-train --preset mnist --data-dir $(MNIST)

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import cpu_model, median, save  # noqa: E402
+from dcgan_core import publishing  # noqa: E402
 from training import quality  # noqa: E402
 from training.checkpoint import BEST_NAME  # noqa: E402
 
@@ -42,7 +43,9 @@ def main() -> None:
     parser.add_argument("--name", help="result file name (default: preset_<preset>)")
     parser.add_argument("train_args", nargs="*", help="more dcgan-train arguments, after --")
     args = parser.parse_args()
-    runs = []
+    runs: list[dict] = []
+    report = {"cpu": cpu_model(), "preset": args.preset, "train_args": args.train_args,
+              "protocol": publishing.protocol_of({}), "runs": runs}
     with tempfile.TemporaryDirectory(prefix="preset-seeds-") as work:
         for seed in range(args.seeds):
             run_dir = Path(work) / f"seed{seed}"
@@ -50,10 +53,8 @@ def main() -> None:
             figures = quality.evaluate_run(run_dir, BEST_NAME, args.data_dir)
             runs.append({"seed": seed, "train_s": round(seconds, 1), "best": figures})
             print(f"seed {seed}: {seconds:.0f} s, best.pt {json.dumps(figures)}", flush=True)
-    report = {"cpu": cpu_model(), "preset": args.preset, "train_args": args.train_args,
-              "protocol": quality.protocol_of({}), "runs": runs,
-              "median_train_s": median([r["train_s"] for r in runs])}
-    save(args.name or f"preset_{args.preset}", report)
+            report["median_train_s"] = median([r["train_s"] for r in runs])
+            save(args.name or f"preset_{args.preset}", report)  # after every seed: a long run keeps what it did
 
 
 if __name__ == "__main__":

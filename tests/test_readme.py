@@ -1,0 +1,30 @@
+"""The README states only figures that benchmark JSON recorded: its tables are generated from it."""
+
+from bench import readme
+
+
+def test_the_readme_tables_are_the_benchmarks_figures():
+    text = readme.README.read_text()
+    names = [match["name"] for match in readme.BLOCK.finditer(text)]
+    assert set(names) == set(readme.TABLES), "every generated table is in the README, once"
+    assert readme.render(text) == text, "README tables differ from bench/results: run bench/readme.py --write"
+
+
+def test_the_readme_python_client_example_runs_as_written(serving_repo, tmp_path, monkeypatch, capsys):
+    import re
+
+    from PIL import Image
+
+    from tests.conftest import start_server
+
+    text = readme.README.read_text()
+    [code] = re.findall(r"<!-- example: python-client -->\n```python\n(.*?)```", text, re.S)
+    server = start_server(serving_repo, poll_s=0)
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code.replace("localhost:50051", f"127.0.0.1:{server.port}"), "README.md", "exec"), {})
+    finally:
+        server.stop(grace=1)
+    assert capsys.readouterr().out.startswith("tiny 1 [")
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (4 * (2 + 4 * 30), 4 * (2 + 4 * 30))
