@@ -107,6 +107,9 @@ def check_quality(latest: Any, incumbent: dict[str, Any], candidate: dict[str, A
     old, new = gated(incumbent), gated(candidate)
     if not old:
         return
+    if not new:
+        raise Worse(f"the candidate has no figures to compare with model {latest.name!r} version {latest.version}'s "
+                    f"({', '.join(old)}): dcgan-export measures them; --allow-worse publishes without")
     if protocol_of(incumbent) != protocol_of(candidate):
         raise Worse(f"the candidate's figures ({protocol_of(candidate)}) were not measured like version "
                     f"{latest.version}'s ({protocol_of(incumbent)}); they cannot be compared")

@@ -101,6 +101,14 @@ def test_trainer_script_runs_existing_commands():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     used = set(re.findall(r"^(dcgan-[a-z]+)", script.read_text(), re.MULTILINE))
     assert used == {"dcgan-train", "dcgan-eval", "dcgan-export"} and used <= set(scripts)
+    from training.cli import build_parser as train
+    from training.evaluate import build_parser as evaluate
+    from training.export_cli import parser as export
+
+    parsers = {"dcgan-train": train(), "dcgan-eval": evaluate(), "dcgan-export": export()}
+    for line in re.findall(r"^(dcgan-[a-z]+ .*)$", script.read_text(), re.MULTILINE):
+        command, *args = shlex.split(re.sub(r'"\$@"', "", line))
+        parsers[command].parse_args(args)  # every flag the script passes exists (argparse exits otherwise)
     env = SERVICES["trainer"]["environment"]
     mounts = [v.split(":")[1] for v in SERVICES["trainer"]["volumes"]]
     assert env["DATA"] in mounts and env["REPOSITORY"] in mounts and env["RUN"].startswith("/runs")

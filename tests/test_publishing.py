@@ -79,12 +79,15 @@ def test_an_incompatible_version_is_refused_naming_the_difference(tiny_toy_run, 
     assert Repository(ring_repository).versions("mnist-dcgan") == [1]
 
 
-def test_the_library_path_is_gated_too(tiny_run, tiny_toy_run, tmp_path):
+def test_the_library_path_is_gated_too(tiny_run, tiny_toy_run, weak_ring_run, ring_repository, tmp_path):
     repository = Repository(tmp_path)
     export_run(tiny_run, repository, "m")
     with pytest.raises(publishing.Incompatible, match="kind: version 1 has dcgan, the candidate toy2d"):
         export_run(tiny_toy_run, repository, "m")
     assert repository.versions("m") == [1]
+    with pytest.raises(publishing.Worse, match="the candidate has no figures to compare with model 'toy-ring' "
+                                               "version 1's \\(modes_covered, high_quality\\)"):
+        export_run(weak_ring_run, Repository(ring_repository), "toy-ring")  # not measured: not comparable
 
 
 def test_export_needs_a_repository_or_init(tiny_toy_run, tmp_path, monkeypatch, capsys):

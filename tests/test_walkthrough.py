@@ -51,6 +51,9 @@ def test_pictures_follow_their_suffix_and_scale(target, tmp_path, capsys):
                         "--out", str(tmp_path / "small.png")]) == 0
     with Image.open(tmp_path / "small.png") as grid:
         assert grid.size == (2 + 2 * 30, 2 + 2 * 30)
+    with pytest.raises(SystemExit) as usage:
+        client_main([*target, "sample", "--count", "4", "--scale", "0", "--out", str(tmp_path / "grid.png")])
+    assert usage.value.code == 2 and "--scale: must be a whole number >= 1, got '0'" in capsys.readouterr().err
     assert client_main([*target, "sample", "--count", "4", "--out", str(tmp_path / "grid.bmp")]) == 2
     assert "grid.bmp: cannot write .bmp; pictures are .png, .jpg, .jpeg, .webp, .gif" in capsys.readouterr().err
     assert client_main([*target, "walk", "--from-seed", "1", "--to-seed", "2", "--steps", "3",

@@ -8,6 +8,7 @@ Exit codes: 0 done, 2 bad input.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -24,6 +25,8 @@ from training import metrics
 from training.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError
 from training.config import TOY_DATASETS, TrainConfig
 from training.data import DataError, toy_mixture
+
+DEFAULT_DATA_DIR = Path(TrainConfig().data.path)  # MNIST, where training finds it too
 
 
 class EvalError(ValueError):
@@ -140,18 +143,23 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = helptext.parser("dcgan-eval", __doc__)
     parser.add_argument("source", type=Path)
     parser.add_argument("--count", type=int, default=10000, help="samples drawn from a generator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--best", action="store_true", help="a run's best.pt instead of its last checkpoint")
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/mnist"))
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MNIST (classifier, real set)")
     parser.add_argument("--metrics", help=f"comma list of {', '.join(metrics.IMAGE_METRICS)} (default: all)")
     parser.add_argument("--toy", choices=TOY_DATASETS, help="target mixture of 2-D point samples")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
     args = parser.parse_args(argv)
     names = args.metrics.split(",") if args.metrics else None
     try:

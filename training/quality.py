@@ -17,9 +17,7 @@ from dcgan_core import publishing
 from dcgan_core.repository import Manifest, Repository
 from training.checkpoint import BEST_NAME
 from training.config import TrainConfig
-from training.evaluate import Samples, evaluate, from_generator, load_samples
-
-DEFAULT_DATA_DIR = Path(TrainConfig().data.path)
+from training.evaluate import DEFAULT_DATA_DIR, Samples, evaluate, from_generator, load_samples
 
 
 def measurable(samples: Samples) -> bool:

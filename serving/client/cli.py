@@ -39,6 +39,13 @@ ARRAY_SUFFIXES = (".npy", ".csv")  # --out of raw samples: points of toy models,
 GRID_SCALE = 4  # pictures people look at: 28-pixel cells become 112 pixels
 
 
+def _scale(text: str) -> int:
+    """--scale: a whole enlargement factor (argparse turns the error into a usage error, exit 2)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _controls(args: argparse.Namespace) -> Controls:
     return Controls(args.truncation, args.min_score, args.keep_top)
 
@@ -243,7 +250,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--label", type=int, help="conditional models: the class of every image "
                                                    "(default: drawn from the seed / the most likely class)")
     for sub in (sample, walk):
-        sub.add_argument("--scale", type=int, help=f"enlarge pictures N times, nearest neighbour (default: "
+        sub.add_argument("--scale", type=_scale, help=f"enlarge pictures N times, nearest neighbour (default: "
                                                    f"{GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
     for sub in (sample, sample_job, walk):
         sub.add_argument("--truncation", type=float, help="redraw latent entries with |z| above this (>= 0.1)")
