@@ -28,3 +28,24 @@ def test_the_readme_python_client_example_runs_as_written(serving_repo, tmp_path
     assert capsys.readouterr().out.startswith("tiny 1 [")
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (4 * (2 + 4 * 30), 4 * (2 + 4 * 30))
+
+
+def test_the_committed_models_figures_are_their_manifests():
+    """Each figure of the README's committed-models table is its manifest's, as rounded there."""
+    import json
+    import re
+
+    rows = re.findall(r"^\| `([\w-]+)/(\d+)`[^|]*\|[^|]*\| ([^|]*) \|", readme.README.read_text(), re.M)
+    assert len(rows) == 5
+    for name, version, cell in rows:
+        metrics = json.loads((readme.ROOT / "exported" / name / version / "manifest.json").read_text())["metrics"]
+        stated = {key: value for key, value in re.findall(r"\b(FD|IS) (\d+\.\d+)", cell)}
+        stated |= {f"{key} share": value for key, value in re.findall(r"(consistency) (\d+\.\d+)%", cell)}
+        stated |= {f"{key} share": value for value, key in re.findall(r"(\d+\.\d+)% (high-quality)", cell)}
+        expected = {"FD": metrics.get("fd"), "IS": metrics.get("is"), "consistency share": metrics.get("consistency"),
+                    "high-quality share": metrics.get("high_quality")}
+        assert stated, f"{name}/{version}: no figures found in {cell!r}"
+        for key, text in stated.items():
+            decimals = len(text.partition(".")[2])
+            value = round(expected[key] * 100, decimals) if key.endswith("share") else round(expected[key], decimals)
+            assert value == float(text), (name, version, key, text, expected[key])

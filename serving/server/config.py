@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan_core import DEVICES, settings
+from dcgan_core.repository import ENVIRONMENT, default_root
 from dcgan_core.settings import SettingsError, setting
 
 MAX_PORT = 65535
@@ -54,7 +55,7 @@ class VersionPolicy:
 class ServeConfig:
     """Every setting of dcgan-serve: flags, the TOML file (--config) and their defaults, declared once."""
 
-    repository: str = setting("exported", "model repository root")
+    repository: str = setting(str(default_root()), f"model repository root (${ENVIRONMENT}, else exported)")
     host: str = setting("[::]", "bind address")
     port: int = setting(50051, "port (0 picks a free one)")
     device: str = setting("auto", "execution device", choices=DEVICES)
