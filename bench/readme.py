@@ -29,16 +29,17 @@ def preset_table(result_name: str) -> str:
     for run in report["runs"]:
         best = run["best"]
         rows.append(f"| {run['seed']} | {run['train_s']:.0f} s | {best['modes_covered']}/{best['modes']} | "
-                    f"{best['high_quality']:.1%} |")
-    protocol = report["protocol"]
-    rows.append(f"\n`bench/{result_name}.json` ({report['cpu']}, {report['date'][:10]}; figures of "
+                    f"{best['high_quality']:.2%} |")
+    protocol, extra = report["protocol"], " ".join(report["train_args"])
+    given = f"; run with `{extra}`, settings the preset has taken since" if extra else ""
+    rows.append(f"\n`bench/results/{result_name}.json` ({report['cpu']}, {report['date'][:10]}; figures of "
                 f"{protocol['samples']} samples, latent seed {protocol['seed']}; median time "
-                f"{report['median_train_s']:.0f} s)")
+                f"{report['median_train_s']:.0f} s{given})")
     return "\n".join(rows) + "\n"
 
 
 TABLES: dict[str, Callable[[], str]] = {
-    "preset-ring": lambda: preset_table("preset_ring"),
+    "preset-ring": lambda: preset_table("preset_ring_eval_10k"),
 }
 
 

@@ -207,4 +207,4 @@ def test_the_training_summary_names_best_pt(tmp_path, caplog):
                       "--set", "data.toy_epoch_samples=512", "--set", "model.toy_hidden=16"]) == 0
     assert f"best evaluation kept in {run_dir / 'best.pt'}; publish it with: dcgan-export {run_dir} --best" in \
         caplog.text
-    assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[0])["epoch"] == 2
+    assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[0])["epoch"] == 1  # evaluated every epoch

@@ -180,12 +180,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"run_dir": "runs/mnist", "epochs": 25, "ema_decay": 0.999, "checkpoint_every": 1000},
     },
     # The dense GAN on the ring sharpens its modes with training but may later drop one; it is
-    # evaluated every 2 epochs and best.pt keeps the epoch with every mode and the most
-    # high-quality samples (export it with dcgan-export --best; bench/results/TUNING.md).
+    # evaluated after every epoch on as many samples as a published version's figures (10k), and
+    # best.pt keeps the epoch with every mode and the most high-quality samples (export it with
+    # dcgan-export --best). Over 5 seeds: bench/results/preset_ring_eval_10k.json; the recipes
+    # tried: bench/results/TUNING.md.
     "ring": {
         "data": {"dataset": "ring"},
         "optim": {"batch_size": 256, "lr_g": 1e-3, "lr_d": 1e-3},
-        "run": {"run_dir": "runs/ring", "epochs": 48, "checkpoint_every": 2000, "eval_every": 2},
+        "run": {"run_dir": "runs/ring", "epochs": 48, "checkpoint_every": 2000, "eval_every": 1,
+                "eval_samples": 10000},
     },
     "grid": {
         "data": {"dataset": "grid"},
