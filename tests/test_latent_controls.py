@@ -369,9 +369,10 @@ def test_cli_walk_writes_an_animated_gif_and_a_strip(server, tmp_path, capsys):
         animation.seek(len(distinct) - 1)
         last = np.asarray(animation.convert("L"))
     np.testing.assert_array_equal(last[::4, ::4], frames[-1][0])
-    np.testing.assert_array_equal(images.decode_image(strip.read_bytes()), images.make_grid(frames, 6))
-    with pytest.raises(SystemExit, match="must end in .gif"):
-        client_cli.main([*target, *common, "--out", str(tmp_path / "walk.jpg")])
+    strip_pixels = images.decode_image(strip.read_bytes())  # enlarged 4x by default: every 4th pixel
+    np.testing.assert_array_equal(strip_pixels[:, ::4, ::4], images.make_grid(frames, 6))
+    assert client_cli.main([*target, *common, "--out", str(tmp_path / "walk.bmp")]) == 2
+    assert "cannot write .bmp; pictures are .png, .jpg, .jpeg, .webp, .gif" in capsys.readouterr().err
 
 
 def test_cli_and_sample_job_take_the_controls(server, tmp_path, capsys):
