@@ -25,7 +25,8 @@ from dcgan_core.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-REPOSITORY_CONFIG = "repository.json"  # {"default_model": NAME, "pins": {NAME: VERSION}}, both optional
+REPOSITORY_CONFIG = "repository.json"
+CONFIG_SHAPE = '{"default_model": NAME, "pins": {NAME: VERSION}}'  # repository.json; both keys optional
 CONFIG_LOCK = ".repository.lock"  # held while repository.json is read, changed and replaced
 ENVIRONMENT = "DCGAN_REPOSITORY"  # names the repository when no flag does
 KINDS = ("dcgan", "toy2d")
@@ -208,9 +209,9 @@ class Repository:
         except OSError as exc:
             raise RepositoryError(f"{path} cannot be read: {exc.strerror}") from None
         except ValueError as exc:
-            raise RepositoryError(f"{path} is not valid JSON ({exc})") from None
+            raise RepositoryError(f"{path} is not valid JSON ({exc}); expected {CONFIG_SHAPE}") from None
         if not isinstance(config, dict):
-            raise RepositoryError(f"{path}: expected {{\"default_model\": NAME, \"pins\": {{NAME: VERSION}}}}")
+            raise RepositoryError(f"{path}: expected {CONFIG_SHAPE}")
         name, pins = config.get("default_model"), config.get("pins", {})
         if name is not None and (not isinstance(name, str) or not name):
             raise RepositoryError(f"{path}: default_model must be a model name, got {name!r}")

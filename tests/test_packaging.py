@@ -51,6 +51,11 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _guards_missing_modules(node: ast.Try) -> bool:
+    names = {getattr(h.type, "id", None) for h in node.handlers}
+    return bool(names & {"ModuleNotFoundError", "ImportError"})
+
+
 def _imports_of(modules: list[str]) -> set[str]:
     """Top-level third-party modules imported anywhere in ``modules`` and the own modules they reach."""
     seen, todo, found = set(), list(modules), set()
@@ -60,7 +65,12 @@ def _imports_of(modules: list[str]) -> set[str]:
         if module in seen or path is None:
             continue
         seen.add(module)
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and _guards_missing_modules(t)
+                    for stmt in t.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in optional:  # `try: import x / except ModuleNotFoundError:` names the extra it needs
+                continue
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
             for name in names:
