@@ -89,12 +89,26 @@ class RunConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """An encoder stage (f-AnoGAN, training/encoder.py): E learns image -> z for a trained GAN."""
+
+    source: str = setting("", "a trained GAN's run directory: train an encoder for its frozen G and D "
+                              "(empty: train a GAN)")
+    checkpoint: str = setting("checkpoint.pt", "the source's checkpoint to encode for",
+                              choices=("checkpoint.pt", "best.pt"))
+    kappa: float = setting(1.0, "weight of D's feature residual beside the pixel residual in the loss and score")
+    nef: int = setting(64, "encoder width (channels of its first layer)")
+    lr: float = setting(1e-4, "Adam learning rate of the encoder")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
     @property
     def kind(self) -> str:
@@ -150,6 +164,9 @@ class TrainConfig:
                "a directory (this names an existing file)")
         _check(r.device in DEVICES, "run.device", r.device, " or ".join(DEVICES))
         _check(r.precision in PRECISIONS, "run.precision", r.precision, ", ".join(PRECISIONS))
+        e = self.encoder
+        _check(e.kappa >= 0 and e.lr > 0 and e.nef >= 1, "encoder.kappa/lr/nef", (e.kappa, e.lr, e.nef),
+               "kappa >= 0, lr > 0, nef >= 1")
         return self
 
 
@@ -210,6 +227,14 @@ PRESETS["mnist-cond"] = {
     **PRESETS["mnist"],
     "model": {**PRESETS["mnist"]["model"], "num_classes": 10},
     "run": {**PRESETS["mnist"]["run"], "run_dir": "runs/mnist-cond", "epochs": 7},
+}
+
+# The f-AnoGAN encoder stage for a trained MNIST GAN (name it with --set encoder.source=RUN_DIR):
+# the data and networks are the source run's; evaluated every epoch on 2000 test digits.
+PRESETS["encoder"] = {
+    "encoder": {"source": "runs/mnist"},
+    "optim": {"batch_size": 64},
+    "run": {"run_dir": "runs/mnist-encoder", "epochs": 5, "eval_every": 1, "checkpoint_every": 1000},
 }
 
 

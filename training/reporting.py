@@ -63,6 +63,10 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+#: What the curves show, top panel then bottom, of whichever a step logs (a GAN, an encoder).
+LOSS_KEYS, OUTPUT_KEYS = ("loss_d", "loss_g", "loss_e", "pixel"), ("d_real", "d_fake", "d_acc")
+
+
 def save_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Losses (top) and D's outputs/accuracy (bottom) against step, lightly smoothed."""
     if not records:
@@ -70,8 +74,9 @@ def save_curves(records: list[dict[str, Any]], path: Path) -> None:
     steps = np.array([r["step"] for r in records])
     window = max(1, len(records) // 200)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for key, axis in [("loss_d", top), ("loss_g", top), ("d_real", bottom), ("d_fake", bottom),
-                      ("d_acc", bottom)]:
+    for key, axis in [(k, top) for k in LOSS_KEYS] + [(k, bottom) for k in OUTPUT_KEYS]:
+        if key not in records[0]:
+            continue
         values = _smooth(np.array([r[key] for r in records], dtype=float), window)
         axis.plot(steps[len(steps) - len(values):], values, label=key, linewidth=1)
     bottom.axhline(0.5, color="grey", linestyle=":", linewidth=1)
@@ -79,7 +84,8 @@ def save_curves(records: list[dict[str, Any]], path: Path) -> None:
     bottom.set_ylabel("D output / accuracy")
     bottom.set_xlabel("discriminator step")
     for axis in (top, bottom):
-        axis.legend(loc="upper right")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="upper right")
         axis.grid(alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, path)
