@@ -82,6 +82,13 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     num_classes: int = 0  # > 0: class-conditional (both networks take labels too)
     class_names: list[str] = field(default_factory=list)  # label i is class_names[i]
+    #: Versions with an encoder (f-AnoGAN): images [labels] -> z, reconstruction and anomaly score.
+    encoder: NetworkSpec | None = None
+    #: With an encoder: its outputs' names, kappa, and the held-out real images' score quantiles.
+    anomaly: dict[str, Any] = field(default_factory=dict)
+
+    def networks(self) -> list[NetworkSpec]:
+        return [self.generator, self.discriminator, *([self.encoder] if self.encoder else [])]
 
     @property
     def channels(self) -> int:
@@ -122,7 +129,10 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
     if need("kind", str) not in KINDS:
         raise RepositoryError(f"{where}: manifest kind {data['kind']!r} is not one of {KINDS}")
     networks = {}
-    for net in ("generator", "discriminator"):
+    for net in ("generator", "discriminator", "encoder"):
+        if net == "encoder" and data.get("encoder") is None:  # optional: versions without an encoder
+            networks[net] = None
+            continue
         spec = need(net, dict)
         networks[net] = NetworkSpec(**{key: need(key, kind, spec, f"{net}.") for key, kind in [
             ("file", str), ("input_name", str), ("input_shape", list), ("output_name", str),
@@ -138,7 +148,8 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         value_range=need("value_range", list), opset=need("opset", int), created=need("created", str),
         source_run=data.get("source_run", ""), training=data.get("training", {}),
         metrics=data.get("metrics", {}), generator=networks["generator"],
-        discriminator=networks["discriminator"], num_classes=classes, class_names=names)
+        discriminator=networks["discriminator"], num_classes=classes, class_names=names,
+        encoder=networks["encoder"], anomaly=data.get("anomaly") or {})
 
 
 def default_root() -> Path:
@@ -283,7 +294,7 @@ class Repository:
             raise RepositoryError(f"{where}: manifest says model {manifest.name!r} version "
                                   f"{manifest.version}; it was moved or copied by hand")
         if verify_files:
-            for spec in (manifest.generator, manifest.discriminator):
+            for spec in manifest.networks():
                 self._verify(folder / spec.file, spec.sha256, where)
         return manifest
 

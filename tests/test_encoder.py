@@ -37,3 +37,52 @@ def test_an_encoder_needs_an_image_gan(tiny_toy_run, tmp_path):
         encoder_run(tiny_config(tmp_path / "a"))
     with pytest.raises(ConfigError, match="is a toy2d run; encoders are for image models"):
         encoder_run(_encoder_config(tiny_toy_run, tmp_path / "b"))
+
+
+@pytest.fixture(scope="module")
+def encoder_version(tiny_run, tmp_path_factory):
+    """A tiny encoder run, published: generator, discriminator and encoder.onnx in one version."""
+    from dcgan_core.repository import Repository
+    from training.encoder import encoder_run
+    from training.export import export_run
+
+    run_dir = tmp_path_factory.mktemp("enc-run")
+    encoder_run(_encoder_config(tiny_run, run_dir, max_steps=8)).train()
+    repository = Repository(tmp_path_factory.mktemp("enc-repo"))
+    return repository, export_run(run_dir, repository, "tiny")
+
+
+def test_the_encoder_is_published_in_the_version_with_its_calibration(encoder_version):
+    import numpy as np
+    import onnxruntime as ort
+
+    repository, manifest = encoder_version
+    assert repository.manifest("tiny", 1) == manifest  # sha256 of encoder.onnx verified too
+    assert manifest.encoder.file == "encoder.onnx" and manifest.encoder.input_shape == [None, 1, 28, 28]
+    assert set(manifest.training["parity"]) >= {"generator", "discriminator", "encoder"}
+    quantiles = manifest.anomaly["quantiles"]
+    assert len(quantiles) == 1001 and quantiles == sorted(quantiles)
+    folder = repository.version_dir("tiny", 1)
+    scorer = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    generator = ort.InferenceSession(str(folder / "generator.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).uniform(-1, 1, (5, 1, 28, 28)).astype(np.float32)
+    z, reconstruction, score = scorer.run(None, {"samples": x})
+    assert z.shape == (5, 8) and score.shape == (5,)
+    np.testing.assert_allclose(generator.run(None, {"z": z})[0], reconstruction, rtol=1e-4, atol=1e-5)
+
+
+def test_the_calibration_holds_on_other_held_out_images(encoder_version):
+    import numpy as np
+    import onnxruntime as ort
+
+    from dcgan_core.images import uint8_to_model
+    from training.data import synthetic_images
+
+    repository, manifest = encoder_version
+    scorer = ort.InferenceSession(str(repository.version_dir("tiny", 1) / "encoder.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    unseen = uint8_to_model(synthetic_images(2000, 1, 28, 7))  # the same kind of data, other images
+    scores = np.concatenate([scorer.run(None, {"samples": unseen[i : i + 500]})[2] for i in range(0, 2000, 500)])
+    percentiles = np.interp(scores, manifest.anomaly["quantiles"], np.linspace(0, 1, 1001))
+    for share in (0.1, 0.5, 0.9):
+        assert abs((percentiles <= share).mean() - share) < 0.05

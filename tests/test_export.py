@@ -65,7 +65,8 @@ def test_broken_export_is_refused_with_figures(tiny_run, tmp_path, monkeypatch):
         onnx.save(graph, str(path))
 
     monkeypatch.setattr(export, "_export", export_then_damage)
-    with pytest.raises(ExportError, match=r"generator.onnx: onnxruntime differs from torch at batch 1: max abs error"):
+    with pytest.raises(ExportError, match=r"generator.onnx \(samples\): onnxruntime differs from torch at batch 1: "
+                                          r"max abs error"):
         export_run(tiny_run, Repository(tmp_path), "m")
     assert Repository(tmp_path).versions("m") == []
     assert list((tmp_path / "m").iterdir()) == []  # the staging folder is gone too

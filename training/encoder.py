@@ -160,19 +160,8 @@ class EncoderStep:
         return reconstruction, scores
 
     def held_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``run.eval_samples`` test images (MNIST's test split; else the first training images)."""
         if self._held_out is None:
-            from training.data import load_mnist, synthetic_images
-
-            count, d = self.config.run.eval_samples, self.config.data
-            if d.dataset == "mnist":
-                pixels, labels = load_mnist(Path(d.path), "test")
-                chosen = (images.uint8_to_model(pixels[:count]), labels[:count].astype(np.int64))
-            else:
-                chosen = (images.uint8_to_model(synthetic_images(count, d.channels, d.image_size, 1)),
-                          np.zeros(count, np.int64))
-            x = torch.from_numpy(chosen[0].reshape(-1, d.channels, d.image_size, d.image_size))
-            self._held_out = (x, torch.from_numpy(chosen[1]) if self.config.model.num_classes else None)
+            self._held_out = held_out_images(self.config, self.config.run.eval_samples)
         return self._held_out
 
     def evaluate(self) -> dict[str, float]:
@@ -193,6 +182,38 @@ class EncoderStep:
         reconstruction, _ = self.scores(x[:count], None if labels is None else labels[:count])
         for target in (path, path.parent / "latest.png"):
             reporting.save_image_grid(torch.cat([x[:count], reconstruction.cpu()]).numpy(), target, nrow=count)
+
+
+def held_out_images(config: TrainConfig, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Real images E never trained on: the first ``count`` of MNIST's test split (synthetic images
+    for synthetic data), with their classes for conditional models."""
+    from training.data import load_mnist, synthetic_images
+
+    d = config.data
+    if d.dataset == "mnist":
+        pixels, labels = load_mnist(Path(d.path), "test")
+        pixels, labels = pixels[:count], labels[:count].astype(np.int64)
+    else:
+        pixels, labels = synthetic_images(count, d.channels, d.image_size, 1), np.zeros(count, np.int64)
+    x = torch.from_numpy(images.uint8_to_model(pixels).reshape(-1, d.channels, d.image_size, d.image_size))
+    return x, torch.from_numpy(labels) if config.model.num_classes else None
+
+
+#: The scorer's outputs, as exported and as the manifest names them.
+OUTPUTS = {"latents": "z", "reconstruction": "reconstruction", "score": "anomaly"}
+CALIBRATION_IMAGES = 5000  # MNIST test digits 0..4999; 5000..9999 stay unseen, for benchmarks and tests
+
+
+@torch.no_grad()
+def calibration(scorer: AnomalyScorer, config: TrainConfig, count: int = CALIBRATION_IMAGES) -> dict:
+    """What a score means: the quantiles (0, 0.001, ..., 1) of held-out real images' scores, so
+    the share of them scoring at most s (its percentile) can be read off for any s."""
+    x, labels = held_out_images(config, count)
+    parts = [scorer(x[i : i + 500], None if labels is None else labels[i : i + 500])[2] for i in range(0, len(x), 500)]
+    quantiles = np.quantile(torch.cat(parts).numpy().astype(np.float64), np.linspace(0, 1, 1001))
+    source = "MNIST test digits" if config.data.dataset == "mnist" else f"{config.data.dataset} images"
+    return {"outputs": OUTPUTS, "kappa": scorer.kappa, "reference": f"the first {len(x)} {source} (held out)",
+            "quantiles": [float(f"{q:.6g}") for q in quantiles]}
 
 
 def encoder_run(config: TrainConfig, force: bool = False) -> RunLoop:

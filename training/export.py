@@ -26,6 +26,7 @@ from dcgan_core.latents import latents
 from dcgan_core.repository import Manifest, NetworkSpec, Repository, sha256_file
 from training import checkpoint, quality
 from training.config import TrainConfig
+from training.encoder import OUTPUTS, AnomalyScorer, Encoder, calibration
 from training.models import build_models, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ for _chatty in ("onnxscript", "onnx_ir"):  # the exporter's optimizer logs every
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 # torch.onnx warns that torchvision's operators are not registered: this project uses none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-GENERATOR_FILE, DISCRIMINATOR_FILE = "generator.onnx", "discriminator.onnx"
+GENERATOR_FILE, DISCRIMINATOR_FILE, ENCODER_FILE = "generator.onnx", "discriminator.onnx", "encoder.onnx"
 PARITY_BATCHES = (1, 7, 64)
 LABEL_INPUT = "labels"  # int64 [N] class input of both conditional networks
 
@@ -60,6 +61,7 @@ class LoadedRun:
     discriminator: nn.Module
     step: int
     run_dir: Path
+    scorer: nn.Module | None = None  # an encoder run's AnomalyScorer (E with this G and D)
 
 
 def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpoint.CHECKPOINT_NAME) -> LoadedRun:
@@ -68,22 +70,28 @@ def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpo
     config = saved.train_config
     generator, discriminator = build_models(config)
     discriminator.load_state_dict(saved.network("discriminator"))
-    if use_ema and saved.network("ema") is not None:
+    if use_ema and saved.model.get("ema") is not None:
         generator.load_state_dict(saved.network("ema"))
         generator = recalibrate_batchnorm(generator, config.model.latent_size, config.run.seed)
     else:
         generator.load_state_dict(saved.network("generator"))
-    return LoadedRun(config, generator.eval(), discriminator.eval(), saved.step, Path(run_dir))
+    run = LoadedRun(config, generator.eval(), discriminator.eval(), saved.step, Path(run_dir))
+    if saved.model.get("encoder") is not None:  # an encoder run: its source's G and D, and E
+        d, e = config.data, config.encoder
+        encoder = Encoder(d.channels, d.image_size, e.nef, config.model.latent_size)
+        encoder.load_state_dict(saved.model["encoder"])
+        run.scorer = AnomalyScorer(encoder.eval(), run.generator, run.discriminator, e.kappa).eval()
+    return run
 
 
 def _export(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-            output_name: str) -> None:
+            output_names: list[str]) -> None:
     """torch.onnx (dynamo) export with one dynamic batch dimension shared by every input, then
     onnx's full check."""
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), input_names=input_names, output_names=[output_name],
+        torch.onnx.export(model, example, str(path), input_names=input_names, output_names=output_names,
                           dynamic_shapes=tuple({0: batch} for _ in example), external_data=False, verbose=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
@@ -96,20 +104,27 @@ def check_parity(model: nn.Module, path: Path, inputs: list[tuple[np.ndarray, ..
     report = {}
     for arrays in inputs:
         with torch.no_grad():
-            expected = model(*(torch.from_numpy(a) for a in arrays)).numpy()
-        actual = session.run(None, dict(zip(names, arrays)))[0]
-        size = len(arrays[0])
-        if actual.shape != expected.shape:
-            raise ExportError(f"{path.name}: batch {size} gives shape {actual.shape}, torch {expected.shape}")
-        error = np.abs(actual - expected)
-        report[f"batch_{size}_max_abs_error"] = float(error.max())
-        if not np.all(error <= options.atol + options.rtol * np.abs(expected)):
-            worst = np.unravel_index(np.argmax(error - options.rtol * np.abs(expected)), error.shape)
-            raise ExportError(
-                f"{path.name}: onnxruntime differs from torch at batch {size}: max abs error "
-                f"{error.max():.3g}, at {tuple(int(i) for i in worst)} ort={actual[worst]:.6g} "
-                f"torch={expected[worst]:.6g}; tolerance rtol={options.rtol} atol={options.atol}")
+            expected = model(*(torch.from_numpy(a) for a in arrays))
+        expected = [t.numpy() for t in expected] if isinstance(expected, tuple) else [expected.numpy()]
+        size, errors = len(arrays[0]), []
+        for output, actual, wanted in zip(session.get_outputs(), session.run(None, dict(zip(names, arrays))), expected):
+            errors.append(_compare(f"{path.name} ({output.name})", size, actual, wanted, options))
+        report[f"batch_{size}_max_abs_error"] = max(errors)
     return report
+
+
+def _compare(where: str, size: int, actual: np.ndarray, expected: np.ndarray, options: ExportOptions) -> float:
+    """The max abs error of one output; ExportError past the tolerance, naming the worst element."""
+    if actual.shape != expected.shape:
+        raise ExportError(f"{where}: batch {size} gives shape {actual.shape}, torch {expected.shape}")
+    error = np.abs(actual - expected)
+    if not np.all(error <= options.atol + options.rtol * np.abs(expected)):
+        worst = np.unravel_index(np.argmax(error - options.rtol * np.abs(expected)), error.shape)
+        raise ExportError(
+            f"{where}: onnxruntime differs from torch at batch {size}: max abs error "
+            f"{error.max():.3g}, at {tuple(int(i) for i in worst)} ort={actual[worst]:.6g} "
+            f"torch={expected[worst]:.6g}; tolerance rtol={options.rtol} atol={options.atol}")
+    return float(error.max())
 
 
 def _parity_inputs(config: TrainConfig) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, ...]]]:
@@ -132,7 +147,8 @@ def _opset(path: Path) -> int:
 
 
 def draft_manifest(name: str, run: LoadedRun, options: ExportOptions, files: Path | None = None,
-                   parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Manifest:
+                   parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                   anomaly: dict[str, Any] | None = None) -> Manifest:
     """The manifest a run publishes (version 0: publish numbers it); without ``files`` the
     checksums and opset are left blank, enough to check compatibility before any work."""
     config = run.config
@@ -152,7 +168,9 @@ def draft_manifest(name: str, run: LoadedRun, options: ExportOptions, files: Pat
         training={"config": config.to_dict(), "step": run.step, "checkpoint": options.checkpoint_name,
                   "generator_weights": "ema" if options.use_ema and config.run.ema_decay > 0 else "raw",
                   "parity": {**(parity or {}), "rtol": options.rtol, "atol": options.atol}},
-        metrics=metrics or {}, num_classes=config.model.num_classes, class_names=list(config.model.class_names))
+        metrics=metrics or {}, num_classes=config.model.num_classes, class_names=list(config.model.class_names),
+        encoder=spec(ENCODER_FILE, "samples", OUTPUTS["score"], sample_shape, []) if run.scorer else None,
+        anomaly=anomaly or {})
 
 
 def export_run(run_dir: Path, repository: Repository, name: str, options: ExportOptions = ExportOptions()) -> Manifest:
@@ -182,8 +200,15 @@ def export_run(run_dir: Path, repository: Repository, name: str, options: Export
         ]:
             log.info("exporting %s to %s", net, file)
             example = tuple(torch.from_numpy(a[:2]) for a in inputs[1])
-            _export(model, example, folder / file, [input_name, *label_input], output_name)
+            _export(model, example, folder / file, [input_name, *label_input], [output_name])
             parity[net] = check_parity(model, folder / file, inputs, options)
-        return draft_manifest(name, run, options, folder, parity, metrics)
+        anomaly = None
+        if run.scorer is not None:
+            log.info("exporting the encoder (with G and D's features: the anomaly scorer) to %s", ENCODER_FILE)
+            example = tuple(torch.from_numpy(a[:2]) for a in x_inputs[1])
+            _export(run.scorer, example, folder / ENCODER_FILE, ["samples", *label_input], list(OUTPUTS.values()))
+            parity["encoder"] = check_parity(run.scorer, folder / ENCODER_FILE, x_inputs, options)
+            anomaly = calibration(run.scorer, run.config)
+        return draft_manifest(name, run, options, folder, parity, metrics, anomaly)
 
     return repository.publish(name, build, options.allow_worse, incumbent)
