@@ -86,3 +86,11 @@ def test_the_calibration_holds_on_other_held_out_images(encoder_version):
     percentiles = np.interp(scores, manifest.anomaly["quantiles"], np.linspace(0, 1, 1001))
     for share in (0.1, 0.5, 0.9):
         assert abs((percentiles <= share).mean() - share) < 0.05
+
+
+def test_dcgan_train_runs_the_encoder_preset(tiny_run, tmp_path):
+    from training.cli import main as train
+
+    assert train(["--preset", "encoder", "--set", f"encoder.source={tiny_run}", "--run-dir", str(tmp_path / "e"),
+                  "--no-progress", "--set", "run.max_steps=2", "--set", "encoder.nef=4"]) == 0
+    assert (tmp_path / "e" / "checkpoint.pt").exists()

@@ -117,7 +117,7 @@ class EncoderStep:
         torch.manual_seed(derive_seed(config.run.seed, 7))
         _, generator, discriminator = source_networks(config)
         d, m, e = config.data, config.model, config.encoder
-        self.memory_format = torch.preserve_format
+        self.memory_format, self.bf16 = torch.preserve_format, False  # E trains in fp32
         self.E = Encoder(d.channels, d.image_size, e.nef, m.latent_size).to(self.device)
         self.scorer = AnomalyScorer(self.E, generator.to(self.device), discriminator.to(self.device), e.kappa)
         self.opt = torch.optim.Adam(self.E.parameters(), e.lr, betas=(config.optim.beta1, config.optim.beta2))
