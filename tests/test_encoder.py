@@ -94,3 +94,39 @@ def test_dcgan_train_runs_the_encoder_preset(tiny_run, tmp_path):
     assert train(["--preset", "encoder", "--set", f"encoder.source={tiny_run}", "--run-dir", str(tmp_path / "e"),
                   "--no-progress", "--set", "run.max_steps=2", "--set", "encoder.nef=4"]) == 0
     assert (tmp_path / "e" / "checkpoint.pt").exists()
+
+
+def test_score_returns_the_anomaly_of_a_version_with_an_encoder(encoder_version, serving_repo):
+    """Through a real server: the scorer's score and its percentile; a version without an encoder
+    answers FAILED_PRECONDITION and scores as before."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dcgan_core.images import uint8_to_model
+    from serving.client.library import ClientError, InferenceClient
+    from tests.conftest import start_server
+
+    repository, manifest = encoder_version
+    server = start_server(repository.root, poll_s=0)
+    plain = start_server(serving_repo, poll_s=0)
+    images = np.random.default_rng(5).integers(0, 256, (6, 1, 28, 28), dtype=np.uint8)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            scores = client.score(images, anomaly=True)
+            without = client.score(images)
+        with InferenceClient(f"127.0.0.1:{plain.port}") as client:
+            with pytest.raises(ClientError, match="FAILED_PRECONDITION.*version 1 has no encoder"):
+                client.score(images, model="tiny", anomaly=True)
+            assert client.score(images, model="tiny").anomaly is None
+    finally:
+        server.stop(grace=1)
+        plain.stop(grace=1)
+    scorer = ort.InferenceSession(str(repository.version_dir("tiny", 1) / "encoder.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    expected = scorer.run(None, {"samples": uint8_to_model(images)})[2]
+    np.testing.assert_allclose(scores.anomaly, expected, rtol=1e-4, atol=1e-6)
+    quantiles = manifest.anomaly["quantiles"]
+    np.testing.assert_allclose(scores.anomaly_percentile, np.interp(expected, quantiles, np.linspace(0, 1, 1001)),
+                               atol=1e-5)
+    np.testing.assert_array_equal(scores.logits, without.logits)
+    assert without.anomaly is None and without.anomaly_percentile is None

@@ -111,6 +111,8 @@ class Scores:
     logits: np.ndarray
     provider: str = ""
     labels: np.ndarray | None = None  # class-conditional models: the class each image was scored under
+    anomaly: np.ndarray | None = None  # with anomaly=True: the encoder's score, higher is less like the data
+    anomaly_percentile: np.ndarray | None = None  # its share among the held-out real images
 
 
 def _labels(labels: Sequence[int] | int | None) -> list[int]:
@@ -230,11 +232,12 @@ class InferenceClient:
             raise _typed(error) from None
 
     def score(self, images: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0,
-              labels: Sequence[int] | int | None = None) -> Scores:
+              labels: Sequence[int] | int | None = None, anomaly: bool = False) -> Scores:
         """Probability of being real per image: a uint8/float32 array, or encoded image files.
         ``labels`` (class-conditional models): the class each image claims; without them each
-        is scored under its most likely class."""
-        request = pb.ScoreRequest(model=model, version=version, labels=_labels(labels))
+        is scored under its most likely class. ``anomaly``: also the encoder's anomaly score and
+        its percentile (versions with an encoder)."""
+        request = pb.ScoreRequest(model=model, version=version, labels=_labels(labels), include_anomaly=anomaly)
         if isinstance(images, np.ndarray):
             request.tensor.CopyFrom(wire.array_to_tensor(images))
         else:
@@ -243,9 +246,11 @@ class InferenceClient:
             response = self.stub.Score(request, **self.call_options)
         except grpc.RpcError as error:
             raise _typed(error) from None
+        floats = lambda values: np.array(values, np.float32) if len(values) else None  # noqa: E731
         return Scores(response.model, response.version, np.array(response.probabilities, np.float32),
                       np.array(response.logits, np.float32), response.provider,
-                      np.array(response.labels, np.int64) if response.labels else None)
+                      np.array(response.labels, np.int64) if response.labels else None,
+                      floats(response.anomaly), floats(response.anomaly_percentile))
 
     def models(self) -> pb.ListModelsResponse:
         try:

@@ -92,15 +92,16 @@ class _Request:
         return (self.future.done() or (self.deadline is not None and now >= self.deadline)
                 or not self.is_active())
 
-    def deliver(self, start: int, outputs: np.ndarray) -> None:
-        """The outputs of rows [start, start + len(outputs)); the last part resolves the future."""
+    def deliver(self, start: int, outputs: Inputs) -> None:
+        """The outputs (one array, or a tuple for a network of several outputs) of rows [start,
+        start + their rows); the last part resolves the future."""
         with self._lock:
             self._outputs[start] = outputs
-            self._done += len(outputs)
+            self._done += rows(outputs)
             if self._done < self.rows:
                 return
             parts = [self._outputs[first] for first in sorted(self._outputs)]
-        _settle(self.future, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        _settle(self.future, parts[0] if len(parts) == 1 else _concatenate(parts))
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class DynamicBatcher:
         offset = 0
         for segment in segments:
             size = segment.stop - segment.start
-            segment.request.deliver(segment.start, outputs[offset : offset + size])
+            segment.request.deliver(segment.start, _rows(outputs, offset, offset + size))
             offset += size
         if self._on_batch:
             requests = {id(s.request): s.request for s in segments}.values()

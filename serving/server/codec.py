@@ -93,7 +93,8 @@ def walk_spec(request: pb.WalkRequest) -> WalkSpec:
 
 def score_spec(request: pb.ScoreRequest) -> ScoreSpec:
     array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
-    return ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version)
+    return ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version,
+                     request.include_anomaly)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -128,9 +129,11 @@ def encode_samples(response: pb.SampleResponse, samples: np.ndarray, encoding_na
 
 
 def score_response(result: ScoreResult) -> pb.ScoreResponse:
+    listed = lambda values: [] if values is None else values.tolist()  # noqa: E731
     return pb.ScoreResponse(model=result.manifest.name, version=result.manifest.version,
                             probabilities=result.probabilities.tolist(), logits=result.logits.tolist(),
-                            provider=result.provider, labels=[] if result.labels is None else result.labels.tolist())
+                            provider=result.provider, labels=listed(result.labels), anomaly=listed(result.anomaly),
+                            anomaly_percentile=listed(result.anomaly_percentile))
 
 
 def model_info(card: ModelCard) -> pb.ModelInfo:

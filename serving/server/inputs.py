@@ -27,6 +27,7 @@ class ScoreSpec:
     labels: tuple[int, ...] = ()  # conditional models: N values, or one for all
     model: str = ""
     version: int = 0
+    anomaly: bool = False  # also the encoder's anomaly score and its percentile (versions with an encoder)
 
 
 def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int) -> np.ndarray:

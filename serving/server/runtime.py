@@ -64,7 +64,7 @@ def execution_plan(device: str, workers: int = 0, threads: int = 0) -> tuple[int
 
 class OnnxNetwork:
     """One ONNX file run on whole batches: one float32 input (and, for a class-conditional
-    network, an int64 labels input) and one output."""
+    network, an int64 labels input); one output, or a tuple of them (the anomaly scorer's)."""
 
     def __init__(self, path: Path, device: str = "auto", threads: int = 0):
         options = ort.SessionOptions()
@@ -76,37 +76,41 @@ class OnnxNetwork:
         if device == "cuda" and self.provider != CUDA:
             raise RuntimeUnavailable(f"{path.name}: CUDA provider failed to start; got {self.provider}")
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.path = path
         log.info("loaded %s on %s", path, self.provider)
 
-    def check_signature(self, network: str, spec: NetworkSpec) -> None:
+    def check_signature(self, network: str, spec: NetworkSpec,
+                        outputs: list[tuple[str, list[int | None]]] | None = None) -> None:
         """The file must be the network the manifest says (a swapped or foreign file is refused
-        here, with both signatures, instead of failing on the first request)."""
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        here, with both signatures, instead of failing on the first request); ``outputs``: every
+        output by name and shape, for a network of several (else the spec's one)."""
         signature = lambda tensors: [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]])  # noqa: E731
                                      for t in tensors]
-        actual = signature([*inputs, *outputs])
+        actual = signature([*self.session.get_inputs(), *self.session.get_outputs()])
         expected = [(spec.input_name, list(spec.input_shape[1:]))]
         expected += [(spec.label_input, [])] if spec.label_input else []
-        expected += [(spec.output_name, list(spec.output_shape[1:]))]
-        if len(outputs) != 1 or actual != expected:
+        expected += outputs or [(spec.output_name, list(spec.output_shape[1:]))]
+        if actual != expected:
             show = lambda sig: ", ".join(f"{n!r} [{', '.join(['N', *map(str, s)])}]" for n, s in sig)  # noqa: E731
             raise RepositoryError(f"{self.path.name} has {show(actual)}, but the manifest's {network} "
                                   f"has {show(expected)} (wrong or swapped file)")
 
-    def run(self, batch: Inputs) -> np.ndarray:
-        """Outputs for a float32 batch (with its int64 labels, for a conditional network); on CUDA
-        through IOBinding (output copied back once)."""
+    def run(self, batch: Inputs) -> Inputs:
+        """Outputs for a float32 batch (with its int64 labels, for a conditional network): the
+        array, or a tuple for several outputs; on CUDA through IOBinding (copied back once)."""
         arrays = batch if isinstance(batch, tuple) else (batch,)
         if self.provider != CUDA:
-            return self.session.run([self.output_name], dict(zip(self.input_names, arrays)))[0]
-        binding = self.session.io_binding()
-        for name, array in zip(self.input_names, arrays):
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_output(self.output_name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+            outputs = self.session.run(self.output_names, dict(zip(self.input_names, arrays)))
+        else:
+            binding = self.session.io_binding()
+            for name, array in zip(self.input_names, arrays):
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            outputs = binding.copy_outputs_to_cpu()
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def warm_up(self, sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
         """Run once per batch size so the first request does not pay for allocation/tuning."""

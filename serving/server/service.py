@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import threading
@@ -25,7 +26,14 @@ from serving.server import inputs as score_inputs
 from serving.server import plans
 from serving.server.batcher import DynamicBatcher, Expired, Inputs, QueueFull, Stopped
 from serving.server.config import ServeConfig
-from serving.server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from serving.server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from serving.server.handoff import Handoff
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import SamplePlan, SampleSpec, WalkSpec
@@ -73,6 +81,8 @@ class ScoreResult:
     provider: str
     logits: np.ndarray
     labels: np.ndarray | None = None  # class-conditional models: the class each image was scored under
+    anomaly: np.ndarray | None = None  # with ScoreSpec.anomaly: the f-AnoGAN score (higher: less like the data)
+    anomaly_percentile: np.ndarray | None = None  # the share of held-out real images scoring at most it
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -191,10 +201,15 @@ class InferenceService:
         """Logits of the images; a class-conditional model scores each under its label, or
         without labels under every class, keeping the class with the largest logit."""
         with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            if spec.anomaly and loaded.encoder is None:
+                m = loaded.manifest
+                raise FailedPrecondition(f"model {m.name!r} version {m.version} has no encoder, so no anomaly "
+                                         f"score: publish an encoder run (dcgan-train --preset encoder) as a version")
             limit = self.config.max_score_images
             decoding = bool(spec.images)  # PNG/JPEG decoding takes milliseconds: off the event loop
             inputs = await _off_loop_if(decoding, score_inputs.model_inputs, spec, loaded.manifest, limit)
-            return await self._score(loaded, inputs, call, spec.labels)
+            result = await self._score(loaded, inputs, call, spec.labels)
+            return await self._anomaly(loaded, inputs, result, call) if spec.anomaly else result
 
     def models(self) -> tuple[list[ModelCard], str]:
         """Every model of the repository, by name, and the default model's name."""
@@ -367,6 +382,16 @@ class InferenceService:
                             drawn, np.concatenate(indices))
 
     # ------------------------------------------------------------------ scoring
+
+    async def _anomaly(self, loaded: LoadedVersion, inputs: np.ndarray, result: ScoreResult,
+                       call: Call) -> ScoreResult:
+        """The encoder's score of each image (a conditional model's under the class it was scored
+        under) and its percentile among the held-out real images its manifest records."""
+        inputs = inputs.astype(np.float32, copy=False)
+        _, _, scores = await self._run(loaded.encoder, _with(inputs, result.labels), call)
+        quantiles = loaded.manifest.anomaly["quantiles"]
+        percentiles = np.interp(scores, quantiles, np.linspace(0.0, 1.0, len(quantiles))).astype(np.float32)
+        return dataclasses.replace(result, anomaly=scores, anomaly_percentile=percentiles)
 
     async def _score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call,
                      requested_labels: tuple[int, ...]) -> ScoreResult:

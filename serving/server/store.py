@@ -41,6 +41,7 @@ class LoadedVersion:
     provider: str
     generator: DynamicBatcher
     discriminator: DynamicBatcher
+    encoder: DynamicBatcher | None = None  # versions with an encoder: the anomaly scorer
     _users: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -67,9 +68,10 @@ class LoadedVersion:
             self.close()
 
     def close(self) -> None:
-        """Stop both batchers: returns once no batch of this version runs (its sessions may go)."""
-        self.generator.stop()
-        self.discriminator.stop()
+        """Stop every batcher: returns once no batch of this version runs (its sessions may go)."""
+        for batcher in (self.generator, self.discriminator, self.encoder):
+            if batcher is not None:
+                batcher.stop()
 
 
 @dataclass
@@ -107,10 +109,12 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
     folder = repository.version_dir(name, version)
     workers, threads = execution_plan(config.device, config.batch_workers, config.ort_threads)
     networks = {}
-    for net in ("generator", "discriminator"):
+    for net in ("generator", "discriminator", "encoder"):
         spec = getattr(manifest, net)
+        if spec is None:  # a version without an encoder
+            continue
         network = OnnxNetwork(folder / spec.file, config.device, threads)
-        network.check_signature(net, spec)
+        network.check_signature(net, spec, scorer_outputs(manifest) if net == "encoder" else None)
         network.warm_up(tuple(spec.input_shape[1:]), (1, config.max_batch_size))
         networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,
@@ -122,7 +126,14 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
     provider = networks["generator"].provider
     log.info("model %s version %s ready on %s (%d batch workers, %s intra-op threads each)", name, version,
              provider, workers, threads or "onnxruntime's default")
-    return LoadedVersion(manifest, provider, batchers["generator"], batchers["discriminator"])
+    return LoadedVersion(manifest, provider, batchers["generator"], batchers["discriminator"], batchers.get("encoder"))
+
+
+def scorer_outputs(manifest: Manifest) -> list[tuple[str, list[int | None]]]:
+    """The anomaly scorer's outputs, by the names its manifest gives them: latents, reconstruction, score."""
+    names = manifest.anomaly.get("outputs", {})
+    shapes = {"latents": [manifest.latent_size], "reconstruction": list(manifest.sample_shape), "score": []}
+    return [(names.get(role, ""), shape) for role, shape in shapes.items()]
 
 
 def failure_reason(exc: Exception) -> str:
