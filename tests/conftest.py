@@ -88,6 +88,22 @@ def conditional_repo(tmp_path_factory, tiny_run):
     return repository
 
 
+@pytest.fixture(scope="session")
+def encoder_repo(tmp_path_factory, tiny_run):
+    """A repository with ``enc`` version 1 published from a tiny encoder run on ``tiny_run``:
+    generator, discriminator and encoder.onnx (the anomaly scorer)."""
+    from dcgan_core.repository import Repository
+    from training.encoder import encoder_run
+    from training.export import export_run
+
+    run_dir = tmp_path_factory.mktemp("encoder-run")
+    encoder_run(tiny_config(run_dir, encoder={"source": str(tiny_run), "nef": 4, "lr": 1e-3},
+                            run={"eval_every": 1, "eval_samples": 100, "max_steps": 8})).train()
+    repository = Repository(tmp_path_factory.mktemp("encoder-repo"))
+    export_run(run_dir, repository, "enc")
+    return repository
+
+
 @pytest.fixture()
 def client(server):
     """A client of the module's ``server`` fixture (each serving test module starts its own)."""

@@ -40,16 +40,9 @@ def test_an_encoder_needs_an_image_gan(tiny_toy_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def encoder_version(tiny_run, tmp_path_factory):
-    """A tiny encoder run, published: generator, discriminator and encoder.onnx in one version."""
-    from dcgan_core.repository import Repository
-    from training.encoder import encoder_run
-    from training.export import export_run
-
-    run_dir = tmp_path_factory.mktemp("enc-run")
-    encoder_run(_encoder_config(tiny_run, run_dir, max_steps=8)).train()
-    repository = Repository(tmp_path_factory.mktemp("enc-repo"))
-    return repository, export_run(run_dir, repository, "tiny")
+def encoder_version(encoder_repo):
+    """The tiny encoder run's published version: generator, discriminator and encoder.onnx."""
+    return encoder_repo, encoder_repo.manifest("enc", 1)
 
 
 def test_the_encoder_is_published_in_the_version_with_its_calibration(encoder_version):
@@ -57,12 +50,12 @@ def test_the_encoder_is_published_in_the_version_with_its_calibration(encoder_ve
     import onnxruntime as ort
 
     repository, manifest = encoder_version
-    assert repository.manifest("tiny", 1) == manifest  # sha256 of encoder.onnx verified too
+    assert repository.manifest("enc", 1) == manifest  # sha256 of encoder.onnx verified too
     assert manifest.encoder.file == "encoder.onnx" and manifest.encoder.input_shape == [None, 1, 28, 28]
     assert set(manifest.training["parity"]) >= {"generator", "discriminator", "encoder"}
     quantiles = manifest.anomaly["quantiles"]
     assert len(quantiles) == 1001 and quantiles == sorted(quantiles)
-    folder = repository.version_dir("tiny", 1)
+    folder = repository.version_dir("enc", 1)
     scorer = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     generator = ort.InferenceSession(str(folder / "generator.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).uniform(-1, 1, (5, 1, 28, 28)).astype(np.float32)
@@ -79,7 +72,7 @@ def test_the_calibration_holds_on_other_held_out_images(encoder_version):
     from training.data import synthetic_images
 
     repository, manifest = encoder_version
-    scorer = ort.InferenceSession(str(repository.version_dir("tiny", 1) / "encoder.onnx"),
+    scorer = ort.InferenceSession(str(repository.version_dir("enc", 1) / "encoder.onnx"),
                                   providers=["CPUExecutionProvider"])
     unseen = uint8_to_model(synthetic_images(2000, 1, 28, 7))  # the same kind of data, other images
     scores = np.concatenate([scorer.run(None, {"samples": unseen[i : i + 500]})[2] for i in range(0, 2000, 500)])
@@ -121,7 +114,7 @@ def test_score_returns_the_anomaly_of_a_version_with_an_encoder(encoder_version,
     finally:
         server.stop(grace=1)
         plain.stop(grace=1)
-    scorer = ort.InferenceSession(str(repository.version_dir("tiny", 1) / "encoder.onnx"),
+    scorer = ort.InferenceSession(str(repository.version_dir("enc", 1) / "encoder.onnx"),
                                   providers=["CPUExecutionProvider"])
     expected = scorer.run(None, {"samples": uint8_to_model(images)})[2]
     np.testing.assert_allclose(scores.anomaly, expected, rtol=1e-4, atol=1e-6)
@@ -130,3 +123,64 @@ def test_score_returns_the_anomaly_of_a_version_with_an_encoder(encoder_version,
                                atol=1e-5)
     np.testing.assert_array_equal(scores.logits, without.logits)
     assert without.anomaly is None and without.anomaly_percentile is None
+
+
+def test_project_returns_latents_whose_generation_is_the_reconstruction(encoder_version, serving_repo):
+    """Project's round trip: Sample with the returned latents gives the returned reconstructions;
+    bad inputs get Score's errors; a version without an encoder is FAILED_PRECONDITION."""
+    import numpy as np
+
+    from serving.client.library import ClientError, InferenceClient, InvalidArgumentError
+    from tests.conftest import start_server
+
+    repository, _ = encoder_version
+    server = start_server(repository.root, poll_s=0)
+    images = np.random.default_rng(6).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            projection = client.project(images, encoding="float32")
+            again = client.sample(latents=projection.latents, encoding="float32")
+            png = client.project([client.sample(2, seed=1, encoding="png").png[0]])
+            scores = client.score(images, anomaly=True)
+            with pytest.raises(InvalidArgumentError, match="give either images"):
+                client.project([])
+            with pytest.raises(InvalidArgumentError):
+                client.project(np.zeros((2, 1, 8, 8), np.uint8))
+    finally:
+        server.stop(grace=1)
+    assert projection.latents.shape == (4, 8) and projection.reconstructions.shape == (4, 1, 28, 28)
+    np.testing.assert_allclose(again.images, projection.reconstructions, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(projection.anomaly, scores.anomaly, rtol=1e-5)
+    assert png.reconstructions.dtype == np.uint8 and png.reconstructions.shape == (1, 1, 28, 28)
+    plain = start_server(serving_repo, poll_s=0)
+    try:
+        with InferenceClient(f"127.0.0.1:{plain.port}") as client, pytest.raises(ClientError, match="no encoder"):
+            client.project(images, model="tiny")
+    finally:
+        plain.stop(grace=1)
+
+
+def test_the_cli_projects_files_and_walks_from_an_image(encoder_version, tmp_path, capsys):
+    from PIL import Image
+
+    from serving.client.cli import main
+    from serving.client.library import InferenceClient
+    from tests.conftest import start_server
+
+    repository, _ = encoder_version
+    server = start_server(repository.root, poll_s=0)
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            for index, blob in enumerate(client.sample(2, seed=3, encoding="png").png):
+                (tmp_path / f"d{index}.png").write_bytes(blob)
+        files = [str(tmp_path / "d0.png"), str(tmp_path / "d1.png")]
+        assert main([*target, "project", *files, "--out", str(tmp_path / "recon.png"), "--scale", "1"]) == 0
+        assert main([*target, "walk", "--from-image", files[0], "--to-seed", "3", "--steps", "4",
+                     "--out", str(tmp_path / "walk.gif")]) == 0
+    finally:
+        server.stop(grace=1)
+    out = capsys.readouterr().out
+    assert "anomaly  percentile  (enc v1)" in out and f"{files[0]} -> seed 3[0]" in out
+    with Image.open(tmp_path / "recon.png") as recon:
+        assert recon.size == (2 + 2 * 30, 2 + 2 * 30)  # two images over their two reconstructions

@@ -25,7 +25,7 @@ from PIL import Image
 
 from tests.conftest import start_server
 
-MODELS = ["", "tiny", "toy", "cond", "no-such-model"]
+MODELS = ["", "tiny", "toy", "cond", "enc", "no-such-model"]
 SERVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 RPCS = {  # method: (request type, server streaming)
     method.name: (getattr(pb, method.input_type.name), method.server_streaming)
@@ -151,6 +151,9 @@ VALID = {
               pb.ScoreRequest(model="cond", tensor=_tensor(GRAY)),
               pb.ScoreRequest(model="cond", tensor=_tensor(GRAY), labels=[0, 2]),
               pb.ScoreRequest(model="toy", tensor=_tensor(Z[:, :2].copy()))],
+    "Project": [pb.ProjectRequest(model="enc", images=[png(28, "L")]),
+                pb.ProjectRequest(model="enc", tensor=_tensor(GRAY), encoding=pb.ENCODING_RAW_FLOAT32),
+                pb.ProjectRequest(model="tiny", tensor=_tensor(GRAY))],
     "GetModel": [pb.GetModelRequest(model="tiny")],
     "ListModels": [pb.ListModelsRequest()],
     "ReloadModels": [pb.ReloadModelsRequest()],
@@ -193,10 +196,11 @@ def mutated(draw, method: str) -> object:
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory, serving_repo, conditional_repo):
+def stub(tmp_path_factory, serving_repo, conditional_repo, encoder_repo):
     root = tmp_path_factory.mktemp("contract-repo")
     for source in (serving_repo / "tiny", serving_repo / "toy", conditional_repo.root / "cond"):
         shutil.copytree(source, root / source.name)
+    shutil.copytree(encoder_repo.root / "enc", root / "enc")
     server = start_server(root, poll_s=0, max_count=16, max_score_images=16, max_candidates=64)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -10,6 +10,8 @@
     dcgan-client sample --count 64 --seed 1 --truncation 1.0 --out truncated.png
     dcgan-client sample --count 64 --seed 1 --min-score 0.5 --out convincing.png
     dcgan-client walk --from-seed 1 --to-seed 2 --steps 32 --out walk.gif    (or a strip: --out strip.png)
+    dcgan-client project a.png --out recon.png            (versions with an encoder: latents, anomaly)
+    dcgan-client walk --from-image a.png --to-seed 3 --out walk.gif
     dcgan-client --local exported/mnist-dcgan/3 sample --count 16 --out grid.png   (no server needed)
 
 The server is --target, else $DCGAN_TARGET, else localhost:50051.
@@ -118,7 +120,11 @@ def _per_class_grid(client: InferenceClient, args: argparse.Namespace) -> None:
 def _walk(client: InferenceClient, args: argparse.Namespace) -> None:
     """Frames of a latent walk as an animated GIF (.gif) or one strip picture (.png, .jpg, .webp)."""
     images.picture_format(args.out)
-    walk = client.walk((args.from_seed, args.from_index), (args.to_seed, args.to_index), args.steps,
+    start = (args.from_seed, args.from_index)
+    if args.from_image:  # the image's latent (Project), so the walk starts at what the model makes of it
+        start = client.project([Path(args.from_image).read_bytes()], model=args.model, version=args.version,
+                               labels=args.label).latents[0]
+    walk = client.walk(start, (args.to_seed, args.to_index), args.steps,
                        interpolation=args.interpolation, model=args.model, version=args.version,
                        encoding="uint8", truncation=args.truncation, labels=(args.label, args.label))
     scale = args.scale or GRID_SCALE
@@ -126,8 +132,9 @@ def _walk(client: InferenceClient, args: argparse.Namespace) -> None:
         atomic_write_bytes(Path(args.out), images.encode_gif(walk.images, args.frame_ms, scale))
     else:
         images.save_picture(images.make_grid(walk.images, len(walk.images)), args.out, scale)
-    print(f"wrote {args.out}: {len(walk.images)} frames of {walk.model} v{walk.version}, seed {args.from_seed}"
-          f"[{args.from_index}] -> seed {args.to_seed}[{args.to_index}] by {args.interpolation}")
+    origin = args.from_image or f"seed {args.from_seed}[{args.from_index}]"
+    print(f"wrote {args.out}: {len(walk.images)} frames of {walk.model} v{walk.version}, {origin} -> "
+          f"seed {args.to_seed}[{args.to_index}] by {args.interpolation}")
 
 
 def _score(client: InferenceClient, args: argparse.Namespace) -> int:
@@ -150,6 +157,22 @@ def _score(client: InferenceClient, args: argparse.Namespace) -> int:
     if failed:
         print(f"dcgan-client score: {failed} of {len(records)} files could not be scored", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _project(client: InferenceClient, args: argparse.Namespace) -> None:
+    """Latents of image files (versions with an encoder): each file's anomaly score and percentile,
+    and with --out the images over their reconstructions."""
+    blobs = [Path(f).read_bytes() for f in args.files]
+    projection = client.project(blobs, model=args.model, version=args.version, labels=args.label)
+    width = max(len(f) for f in args.files)
+    print(f"{'file':<{width}}  anomaly  percentile  ({projection.model} v{projection.version})")
+    for name, score, share in zip(args.files, projection.anomaly, projection.anomaly_percentile):
+        print(f"{name:<{width}}  {score:7.4f}  {share:10.1%}")
+    if args.out:
+        originals = np.stack([images.decode_image(b, projection.reconstructions.shape[1]) for b in blobs])
+        pairs = np.concatenate([originals, projection.reconstructions])
+        images.save_picture(images.make_grid(pairs, len(blobs)), args.out, args.scale or GRID_SCALE)
+        print(f"wrote {args.out}: the images (top) and their reconstructions (bottom)")
 
 
 def _figures(manifest_json: str) -> str:
@@ -215,7 +238,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--per-class", type=int, help="conditional models: a grid (--out) of this many "
                                                       "samples per class, one labelled row per class")
     walk = helptext.subcommand(commands, "walk", "frames along a path between two latent points (GIF or PNG strip)")
-    walk.add_argument("--from-seed", type=int, required=True, help="start: sample --from-index of this seed")
+    start = walk.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-seed", type=int, help="start: sample --from-index of this seed")
+    start.add_argument("--from-image", help="start: this image's latent (versions with an encoder)")
     walk.add_argument("--from-index", type=int, default=0)
     walk.add_argument("--to-seed", type=int, required=True, help="end: sample --to-index of this seed")
     walk.add_argument("--to-index", type=int, default=0)
@@ -223,6 +248,10 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     walk.add_argument("--interpolation", choices=list(wire.INTERPOLATIONS), default="slerp")
     walk.add_argument("--out", required=True, help="walk.gif (animation) or a strip picture (.png, .jpg, .webp)")
     walk.add_argument("--frame-ms", type=int, default=80, help="GIF frame duration (default: 80)")
+    project = helptext.subcommand(commands, "project", "latents, anomaly scores and reconstructions of image "
+                                                       "files (versions with an encoder)")
+    project.add_argument("files", nargs="+")
+    project.add_argument("--out", help="the images over their reconstructions (.png, .jpg, .webp, .gif)")
     score = helptext.subcommand(commands, "score", "probability of being real for image files")
     score.add_argument("files", nargs="+", help="image files and folders (their images, recursively)")
     score.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
@@ -244,12 +273,12 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--no-progress", action="store_true")
     models = helptext.subcommand(commands, "models", "models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
-    for sub in (sample, score, walk):
+    for sub in (sample, score, walk, project):
         sub.add_argument("--model", default="", help="model name (default: the server's default model)")
         sub.add_argument("--version", type=int, default=0, help="version (default: the latest ready one)")
         sub.add_argument("--label", type=int, help="conditional models: the class of every image "
                                                    "(default: drawn from the seed / the most likely class)")
-    for sub in (sample, walk):
+    for sub in (sample, walk, project):
         sub.add_argument("--scale", type=_scale, help=f"enlarge pictures N times, nearest neighbour (default: "
                                                    f"{GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
     for sub in (sample, sample_job, walk):
@@ -262,8 +291,8 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                             help="keep this share of the best-scored candidates, in (0, 1)")
 
 
-COMMANDS = {"sample": _sample, "score": _score, "models": _models, "walk": _walk, "score-job": _score_job,
-            "sample-job": _sample_job}
+COMMANDS = {"sample": _sample, "score": _score, "project": _project, "models": _models, "walk": _walk,
+            "score-job": _score_job, "sample-job": _sample_job}
 
 
 @contextlib.contextmanager

@@ -115,6 +115,21 @@ class Scores:
     anomaly_percentile: np.ndarray | None = None  # its share among the held-out real images
 
 
+@dataclass
+class Projection:
+    """Images' latents z = E(x) (float32 [N, latent]), their reconstructions G(z) (uint8 NCHW for
+    PNG/uint8, else float32) and anomaly scores with percentiles."""
+
+    model: str
+    version: int
+    latents: np.ndarray
+    reconstructions: np.ndarray
+    anomaly: np.ndarray
+    anomaly_percentile: np.ndarray
+    provider: str = ""
+    labels: np.ndarray | None = None
+
+
 def _labels(labels: Sequence[int] | int | None) -> list[int]:
     if labels is None:
         return []
@@ -251,6 +266,27 @@ class InferenceClient:
                       np.array(response.logits, np.float32), response.provider,
                       np.array(response.labels, np.int64) if response.labels else None,
                       floats(response.anomaly), floats(response.anomaly_percentile))
+
+    def project(self, images: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0,
+                labels: Sequence[int] | int | None = None, encoding: str = "png") -> Projection:
+        """The latents of images (versions with an encoder), with reconstructions and anomaly
+        scores; Walk takes the latents as explicit points."""
+        request = pb.ProjectRequest(model=model, version=version, labels=_labels(labels),
+                                    encoding=wire.encoding(encoding))
+        if isinstance(images, np.ndarray):
+            request.tensor.CopyFrom(wire.array_to_tensor(images))
+        else:
+            request.images.extend(images)
+        try:
+            response = self.stub.Project(request, **self.call_options)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+        reconstructions = (np.stack([imaging.decode_image(blob) for blob in response.png]) if response.png
+                           else wire.tensor_to_array(response.samples, "samples"))
+        return Projection(response.model, response.version, wire.tensor_to_array(response.latents, "latents"),
+                          reconstructions, np.array(response.anomaly, np.float32),
+                          np.array(response.anomaly_percentile, np.float32), response.provider,
+                          np.array(response.labels, np.int64) if response.labels else None)
 
     def models(self) -> pb.ListModelsResponse:
         try:

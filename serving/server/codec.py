@@ -13,7 +13,7 @@ from serving import wire
 from serving.server.errors import InvalidArgument, ServiceError, bounded
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import Endpoint, SampleSpec, WalkSpec
-from serving.server.service import ModelCard, SampleResult, ScoreResult, probabilities
+from serving.server.service import ModelCard, ProjectResult, SampleResult, ScoreResult, probabilities
 
 log = logging.getLogger(__name__)
 VERSION_STATES = {"READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED,
@@ -134,6 +134,24 @@ def score_response(result: ScoreResult) -> pb.ScoreResponse:
                             probabilities=result.probabilities.tolist(), logits=result.logits.tolist(),
                             provider=result.provider, labels=listed(result.labels), anomaly=listed(result.anomaly),
                             anomaly_percentile=listed(result.anomaly_percentile))
+
+
+def project_spec(request: pb.ProjectRequest) -> tuple[ScoreSpec, str]:
+    """The images of a Project request (as a Score's) and the reconstructions' encoding."""
+    array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
+    spec = ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version)
+    return spec, "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
+
+
+def project_response(result: ProjectResult) -> pb.ProjectResponse:
+    """PNG encoding takes milliseconds per image: called off the event loop for PNG."""
+    response = pb.ProjectResponse(model=result.manifest.name, version=result.manifest.version,
+                                  latents=wire.array_to_tensor(result.latents), anomaly=result.anomaly.tolist(),
+                                  anomaly_percentile=result.anomaly_percentile.tolist(), provider=result.provider)
+    encode_samples(response, result.reconstructions, result.encoding)
+    if result.labels is not None:
+        response.labels.extend(result.labels.tolist())
+    return response
 
 
 def model_info(card: ModelCard) -> pb.ModelInfo:

@@ -89,6 +89,33 @@ class ScoreResult:
         return probabilities(self.logits)
 
 
+@dataclass
+class ProjectResult:
+    """Images' latents E(x), reconstructions G(E(x)) (model range) and anomaly scores."""
+
+    manifest: Manifest
+    provider: str
+    latents: np.ndarray
+    reconstructions: np.ndarray
+    encoding: str
+    anomaly: np.ndarray
+    anomaly_percentile: np.ndarray
+    labels: np.ndarray | None = None
+
+
+def _need_encoder(loaded: LoadedVersion, what: str) -> None:
+    if loaded.encoder is None:
+        m = loaded.manifest
+        raise FailedPrecondition(f"model {m.name!r} version {m.version} has no encoder, so no {what}: publish "
+                                 f"an encoder run (dcgan-train --preset encoder) as a version")
+
+
+def _percentiles(manifest: Manifest, scores: np.ndarray) -> np.ndarray:
+    """Each score's share among the held-out real images the manifest's quantiles describe."""
+    quantiles = manifest.anomaly["quantiles"]
+    return np.interp(scores, quantiles, np.linspace(0.0, 1.0, len(quantiles))).astype(np.float32)
+
+
 def _with(inputs: np.ndarray, labels: np.ndarray | None) -> Inputs:
     """A network's batcher input: the array alone, or with the labels of a conditional model."""
     return inputs if labels is None else (inputs, labels)
@@ -201,15 +228,33 @@ class InferenceService:
         """Logits of the images; a class-conditional model scores each under its label, or
         without labels under every class, keeping the class with the largest logit."""
         with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
-            if spec.anomaly and loaded.encoder is None:
-                m = loaded.manifest
-                raise FailedPrecondition(f"model {m.name!r} version {m.version} has no encoder, so no anomaly "
-                                         f"score: publish an encoder run (dcgan-train --preset encoder) as a version")
-            limit = self.config.max_score_images
-            decoding = bool(spec.images)  # PNG/JPEG decoding takes milliseconds: off the event loop
-            inputs = await _off_loop_if(decoding, score_inputs.model_inputs, spec, loaded.manifest, limit)
+            if spec.anomaly:
+                _need_encoder(loaded, "anomaly score")
+            inputs = await self._inputs(loaded, spec)
             result = await self._score(loaded, inputs, call, spec.labels)
             return await self._anomaly(loaded, inputs, result, call) if spec.anomaly else result
+
+    async def project(self, spec: ScoreSpec, encoding: str, call: Call) -> ProjectResult:
+        """Latents of the images (E(x)), their reconstructions and anomaly scores; a conditional
+        model's images are taken as their labels, or as the class the discriminator prefers."""
+        with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_encoder(loaded, "projection")
+            encoding = resolve_encoding(encoding, loaded.manifest)
+            inputs = await self._inputs(loaded, spec)
+            conditional = loaded.manifest.num_classes and not spec.labels  # the class D prefers
+            labels = ((await self._score(loaded, inputs, call, spec.labels)).labels if conditional
+                      else plans.labels_for(loaded.manifest, len(inputs), spec.labels))
+            latents, reconstructions, scores = await self._run(loaded.encoder, _with(inputs, labels), call)
+            return ProjectResult(loaded.manifest, loaded.provider, latents, reconstructions, encoding, scores,
+                                 _percentiles(loaded.manifest, scores), labels)
+
+    async def _inputs(self, loaded: LoadedVersion, spec: ScoreSpec) -> np.ndarray:
+        """A Score or Project request's images as the model's float32 batch (PNG/JPEG decoding
+        takes milliseconds per image: off the event loop)."""
+        limit = self.config.max_score_images
+        inputs = await _off_loop_if(bool(spec.images), score_inputs.model_inputs, spec, loaded.manifest, limit)
+        score_inputs.check(loaded.manifest, inputs, limit)
+        return inputs.astype(np.float32, copy=False)
 
     def models(self) -> tuple[list[ModelCard], str]:
         """Every model of the repository, by name, and the default model's name."""
@@ -387,17 +432,12 @@ class InferenceService:
                        call: Call) -> ScoreResult:
         """The encoder's score of each image (a conditional model's under the class it was scored
         under) and its percentile among the held-out real images its manifest records."""
-        inputs = inputs.astype(np.float32, copy=False)
         _, _, scores = await self._run(loaded.encoder, _with(inputs, result.labels), call)
-        quantiles = loaded.manifest.anomaly["quantiles"]
-        percentiles = np.interp(scores, quantiles, np.linspace(0.0, 1.0, len(quantiles))).astype(np.float32)
-        return dataclasses.replace(result, anomaly=scores, anomaly_percentile=percentiles)
+        return dataclasses.replace(result, anomaly=scores, anomaly_percentile=_percentiles(loaded.manifest, scores))
 
     async def _score(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call,
                      requested_labels: tuple[int, ...]) -> ScoreResult:
         manifest = loaded.manifest
-        score_inputs.check(manifest, inputs, self.config.max_score_images)
-        inputs = inputs.astype(np.float32, copy=False)
         if manifest.num_classes and not requested_labels:
             classes = manifest.num_classes
             every = (np.concatenate([inputs] * classes), np.repeat(np.arange(classes, dtype=np.int64), len(inputs)))

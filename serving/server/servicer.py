@@ -80,6 +80,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._rpc("Score", request.model, context):
             return codec.score_response(await self.service.score(codec.score_spec(request), call_of(context)))
 
+    async def Project(self, request: pb.ProjectRequest, context: grpc.aio.ServicerContext) -> pb.ProjectResponse:
+        async with self._rpc("Project", request.model, context):
+            spec, encoding = codec.project_spec(request)
+            result = await self.service.project(spec, encoding, call_of(context))
+            return await asyncio.to_thread(codec.project_response, result)
+
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async with self._rpc("ListModels", "", context):
