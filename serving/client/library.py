@@ -130,6 +130,15 @@ class Projection:
     labels: np.ndarray | None = None
 
 
+def _with_images(request, images: np.ndarray | Sequence[bytes]):
+    """A Score or Project request carrying ``images``: one raw tensor, or encoded files."""
+    if isinstance(images, np.ndarray):
+        request.tensor.CopyFrom(wire.array_to_tensor(images))
+    else:
+        request.images.extend(images)
+    return request
+
+
 def _labels(labels: Sequence[int] | int | None) -> list[int]:
     if labels is None:
         return []
@@ -252,11 +261,8 @@ class InferenceClient:
         ``labels`` (class-conditional models): the class each image claims; without them each
         is scored under its most likely class. ``anomaly``: also the encoder's anomaly score and
         its percentile (versions with an encoder)."""
-        request = pb.ScoreRequest(model=model, version=version, labels=_labels(labels), include_anomaly=anomaly)
-        if isinstance(images, np.ndarray):
-            request.tensor.CopyFrom(wire.array_to_tensor(images))
-        else:
-            request.images.extend(images)
+        request = _with_images(pb.ScoreRequest(model=model, version=version, labels=_labels(labels),
+                                               include_anomaly=anomaly), images)
         try:
             response = self.stub.Score(request, **self.call_options)
         except grpc.RpcError as error:
@@ -271,12 +277,8 @@ class InferenceClient:
                 labels: Sequence[int] | int | None = None, encoding: str = "png") -> Projection:
         """The latents of images (versions with an encoder), with reconstructions and anomaly
         scores; Walk takes the latents as explicit points."""
-        request = pb.ProjectRequest(model=model, version=version, labels=_labels(labels),
-                                    encoding=wire.encoding(encoding))
-        if isinstance(images, np.ndarray):
-            request.tensor.CopyFrom(wire.array_to_tensor(images))
-        else:
-            request.images.extend(images)
+        request = _with_images(pb.ProjectRequest(model=model, version=version, labels=_labels(labels),
+                                                 encoding=wire.encoding(encoding)), images)
         try:
             response = self.stub.Project(request, **self.call_options)
         except grpc.RpcError as error:
