@@ -178,9 +178,11 @@ def test_the_cli_projects_files_and_walks_from_an_image(encoder_version, tmp_pat
         assert main([*target, "project", *files, "--out", str(tmp_path / "recon.png"), "--scale", "1"]) == 0
         assert main([*target, "walk", "--from-image", files[0], "--to-seed", "3", "--steps", "4",
                      "--out", str(tmp_path / "walk.gif")]) == 0
+        assert main([*target, "score", "--anomaly", *files]) == 0
     finally:
         server.stop(grace=1)
     out = capsys.readouterr().out
     assert "anomaly  percentile  (enc v1)" in out and f"{files[0]} -> seed 3[0]" in out
+    assert "anomaly (percentile)" in out and out.rstrip().endswith("%)")
     with Image.open(tmp_path / "recon.png") as recon:
         assert recon.size == (2 + 2 * 30, 2 + 2 * 30)  # two images over their two reconstructions

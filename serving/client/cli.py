@@ -143,16 +143,17 @@ def _score(client: InferenceClient, args: argparse.Namespace) -> int:
     paths = [p for spec in args.files for p in (jobs.list_inputs(spec) if Path(spec).is_dir() else [spec])]
     if not paths:
         raise jobs.JobError(f"no image files in {', '.join(args.files)}")
-    records = jobs.score_paths(client, paths, args.model, args.version, args.label, args.batch)
+    records = jobs.score_paths(client, paths, args.model, args.version, args.label, args.batch, args.anomaly)
     width = max(len(r["path"]) for r in records)
-    print(f"{'file':<{width}}  p(real)   logit  model")
+    print(f"{'file':<{width}}  p(real)   logit  model" + ("  anomaly (percentile)" if args.anomaly else ""))
     for r in records:
         if r.get("error"):
             print(f"{r['path']:<{width}}  skipped: {r['error']}")
         else:
             label = f" class {r['label']}" if r.get("label") is not None else ""
+            anomaly = f"  {r['anomaly']:.4f} ({r['anomaly_percentile']:.1%})" if args.anomaly else ""
             print(f"{r['path']:<{width}}  {r['probability']:7.4f}  {r['logit']:8.3f}  "
-                  f"{r['model']} v{r['version']}{label}")
+                  f"{r['model']} v{r['version']}{label}{anomaly}")
     failed = sum(1 for r in records if r.get("error"))
     if failed:
         print(f"dcgan-client score: {failed} of {len(records)} files could not be scored", file=sys.stderr)
@@ -255,6 +256,8 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     score = helptext.subcommand(commands, "score", "probability of being real for image files")
     score.add_argument("files", nargs="+", help="image files and folders (their images, recursively)")
     score.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
+    score.add_argument("--anomaly", action="store_true",
+                       help="also each image's anomaly score and percentile (versions with an encoder)")
     score_job = helptext.subcommand(commands, "score-job", "score many files into CSV/JSONL, resumably")
     score_job.add_argument("--input", required=True, help="a folder, a glob pattern, or a file listing paths")
     score_job.add_argument("--output", required=True, help="results .csv or .jsonl (appended; rerun to resume)")

@@ -136,7 +136,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def _score_batch(client: InferenceClient, paths: list[str], model: str, patience_s: float, version: int = 0,
-                 label: int | None = None) -> list[dict]:
+                 label: int | None = None, anomaly: bool = False) -> list[dict]:
     """Score files together; an invalid image is recorded for its file, the others still scored."""
     blobs, records = [], []
     for path in paths:
@@ -150,22 +150,25 @@ def _score_batch(client: InferenceClient, paths: list[str], model: str, patience
         return records
     try:
         scores = with_retries(lambda: client.score([b for _, b in readable], model=model, version=version,
-                                                   labels=label), patience_s)
+                                                   labels=label, anomaly=anomaly), patience_s)
     except InvalidArgumentError as exc:
         if len(readable) == 1:
             return records + [{"path": readable[0][0], "error": exc.details}]
-        return records + [r for p, _ in readable for r in _score_batch(client, [p], model, patience_s, version, label)]
-    labels = scores.labels if scores.labels is not None else [None] * len(readable)
+        return records + [r for p, _ in readable
+                          for r in _score_batch(client, [p], model, patience_s, version, label, anomaly)]
+    per_image = lambda values: [None] * len(readable) if values is None else values.tolist()  # noqa: E731
     return records + [{"path": p, "probability": float(prob), "logit": float(logit), "model": scores.model,
-                       "version": scores.version, "label": None if y is None else int(y)}
-                      for (p, _), prob, logit, y in zip(readable, scores.probabilities, scores.logits, labels)]
+                       "version": scores.version, "label": y, "anomaly": a, "anomaly_percentile": share}
+                      for (p, _), prob, logit, y, a, share in zip(
+                          readable, scores.probabilities, scores.logits, per_image(scores.labels),
+                          per_image(scores.anomaly), per_image(scores.anomaly_percentile))]
 
 
 def score_paths(client: InferenceClient, paths: list[str], model: str = "", version: int = 0,
-                label: int | None = None, batch: int = 64) -> list[dict]:
+                label: int | None = None, batch: int = 64, anomaly: bool = False) -> list[dict]:
     """One record per path, in order: its scores, or the error that kept it from being scored."""
     records = {r["path"]: r for chunk in _chunks(list(dict.fromkeys(paths)), batch)
-               for r in _score_batch(client, chunk, model, 0.0, version, label)}
+               for r in _score_batch(client, chunk, model, 0.0, version, label, anomaly)}
     return [records[p] for p in dict.fromkeys(paths)]
 
 
