@@ -88,7 +88,8 @@ def main() -> None:
             pool = np.concatenate([client.sample(1024, model=args.model, seed=100 + i, encoding="uint8").images
                                    for i in range((args.pool + 1023) // 1024)])[: args.pool]
             pool = pool.reshape(len(pool), -1).astype(np.float32)
-            generated = client.sample(args.count, model=args.model, seed=7, encoding="uint8").images[:, 0]
+            generated = np.concatenate([client.sample(1000, model=args.model, seed=7 + i, encoding="uint8").images
+                                        for i in range((args.count + 999) // 1000)])[: args.count, 0]
             version = client.get_model(args.model).latest_version
             reference = scores(client, args.model, real, pool)
             table = {}
