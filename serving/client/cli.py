@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcgan_core import helptext, images
+from dcgan_core import helptext, images, publishing
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
 from serving import wire
 from serving.client import jobs
@@ -177,9 +177,9 @@ def _project(client: InferenceClient, args: argparse.Namespace) -> None:
 
 
 def _figures(manifest_json: str) -> str:
+    """A version's gated figures (the publishing gate's list), as key=value."""
     metrics = json.loads(manifest_json).get("metrics", {}) if manifest_json else {}
-    keys = ("fd", "is", "consistency", "modes_covered", "high_quality")
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+    return " ".join(f"{k}={v:.4g}" for k, v in publishing.gated(metrics).items())
 
 
 def _models(client: InferenceClient, args: argparse.Namespace) -> None:
