@@ -91,7 +91,7 @@ def test_scoring_with_and_without_labels(client, conditional_repo):
     assert labelled.labels.tolist() == [2, 1, 0, 0]
     table = np.stack([discriminator.run(None, {"samples": x, "labels": np.full(4, c)})[0] for c in range(3)])
     best = client.score(pixels, model="cond")
-    assert best.labels.tolist() == table.argmax(0).tolist()
+    assert best.labels is None  # the discriminator's most likely class is not a classification
     np.testing.assert_allclose(best.logits, table.max(0), rtol=1e-5, atol=1e-6)
     scored = client.sample(4, model="cond", seed=9, labels=[0, 1, 2, 0], encoding="float32", include_scores=True)
     np.testing.assert_allclose(scored.logits, client.score(scored.images, model="cond", labels=[0, 1, 2, 0]).logits,

@@ -59,9 +59,12 @@ def test_the_encoder_is_published_in_the_version_with_its_calibration(encoder_ve
     scorer = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     generator = ort.InferenceSession(str(folder / "generator.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).uniform(-1, 1, (5, 1, 28, 28)).astype(np.float32)
-    z, reconstruction, score = scorer.run(None, {"samples": x})
+    discriminator = ort.InferenceSession(str(folder / "discriminator.onnx"), providers=["CPUExecutionProvider"])
+    z, reconstruction, score, logits = scorer.run(None, {"samples": x})
     assert z.shape == (5, 8) and score.shape == (5,)
     np.testing.assert_allclose(generator.run(None, {"z": z})[0], reconstruction, rtol=1e-4, atol=1e-5)
+    # one run gives D's logit too: Score with anomaly needs no discriminator run
+    np.testing.assert_allclose(discriminator.run(None, {"samples": x})[0], logits, rtol=1e-4, atol=1e-5)
 
 
 def test_the_calibration_holds_on_other_held_out_images(encoder_version):
@@ -121,7 +124,7 @@ def test_score_returns_the_anomaly_of_a_version_with_an_encoder(encoder_version,
     quantiles = manifest.anomaly["quantiles"]
     np.testing.assert_allclose(scores.anomaly_percentile, np.interp(expected, quantiles, np.linspace(0, 1, 1001)),
                                atol=1e-5)
-    np.testing.assert_array_equal(scores.logits, without.logits)
+    np.testing.assert_allclose(scores.logits, without.logits, rtol=1e-5, atol=1e-6)  # the scorer's own logit
     assert without.anomaly is None and without.anomaly_percentile is None
 
 
@@ -186,3 +189,89 @@ def test_the_cli_projects_files_and_walks_from_an_image(encoder_version, tmp_pat
     assert "anomaly (percentile)" in out and out.rstrip().endswith("%)")
     with Image.open(tmp_path / "recon.png") as recon:
         assert recon.size == (2 + 2 * 30, 2 + 2 * 30)  # two images over their two reconstructions
+
+
+@pytest.fixture(scope="module")
+def conditional_encoder_repo(tmp_path_factory):
+    """``cond-enc`` version 1: a tiny 3-class GAN with an encoder trained against it."""
+    from dcgan_core.repository import Repository
+    from training.encoder import encoder_run
+    from training.export import export_run
+    from training.gan_step import gan_run
+
+    gan = tmp_path_factory.mktemp("cond-gan")
+    gan_run(tiny_config(gan, model={"num_classes": 3}, run={"max_steps": 3})).train()
+    run_dir = tmp_path_factory.mktemp("cond-encoder")
+    encoder_run(_encoder_config(gan, run_dir, max_steps=4)).train()
+    repository = Repository(tmp_path_factory.mktemp("cond-encoder-repo"))
+    export_run(run_dir, repository, "cond-enc")
+    return repository
+
+
+def test_a_conditional_version_scores_unlabelled_images_under_the_class_that_reconstructs_them_best(
+        conditional_encoder_repo):
+    """Without labels, the anomaly of an image for a conditional model is its lowest score over the
+    classes, and its logit and reconstruction are the ones under that class; with labels, theirs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dcgan_core.images import uint8_to_model
+    from serving.client.library import InferenceClient
+    from tests.conftest import start_server
+
+    images = np.random.default_rng(8).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    server = start_server(conditional_encoder_repo.root, poll_s=0)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            unlabelled = client.score(images, anomaly=True)
+            projection = client.project(images, encoding="float32")
+            labelled = client.score(images, labels=[2] * 5, anomaly=True)
+    finally:
+        server.stop(grace=1)
+    scorer = ort.InferenceSession(str(conditional_encoder_repo.version_dir("cond-enc", 1) / "encoder.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    x = uint8_to_model(images)
+    runs = [scorer.run(None, {"samples": x, "labels": np.full(5, c, np.int64)}) for c in range(3)]
+    table = np.stack([run[2] for run in runs])
+    best = table.argmin(axis=0)
+    assert unlabelled.labels is None  # a tiny model's class choice is not accurate enough to name
+    np.testing.assert_array_equal(projection.labels, best)
+    np.testing.assert_allclose(unlabelled.anomaly, table.min(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(unlabelled.logits, [runs[c][3][i] for i, c in enumerate(best)], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(projection.reconstructions, [runs[c][1][i] for i, c in enumerate(best)],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(labelled.labels, [2] * 5)
+    np.testing.assert_allclose(labelled.anomaly, runs[2][2], rtol=1e-5)
+
+
+def test_a_conditional_version_names_unlabelled_classes_only_with_a_measured_accuracy(
+        conditional_encoder_repo, tmp_path):
+    """The export measures how often the best-reconstructing class is right; a version whose
+    manifest records at least REPORTED_CLASS_ACCURACY names it in ScoreResponse.labels."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from serving.client.library import InferenceClient
+    from serving.server.service import REPORTED_CLASS_ACCURACY
+    from tests.conftest import start_server
+
+    accuracy = conditional_encoder_repo.manifest("cond-enc", 1).anomaly["class_accuracy"]
+    assert 0.0 <= accuracy < REPORTED_CLASS_ACCURACY  # 4 steps: nowhere near a classifier
+    root = shutil.copytree(conditional_encoder_repo.root, tmp_path / "repo")
+    manifest_file = root / "cond-enc" / "1" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["anomaly"]["class_accuracy"] = REPORTED_CLASS_ACCURACY
+    manifest_file.write_text(json.dumps(manifest))
+    images = np.random.default_rng(8).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    server = start_server(root, poll_s=0)
+    try:
+        with InferenceClient(f"127.0.0.1:{server.port}") as client:
+            named = client.score(images, anomaly=True)
+            projection = client.project(images)
+            plain = client.score(images)
+    finally:
+        server.stop(grace=1)
+    np.testing.assert_array_equal(named.labels, projection.labels)
+    assert plain.labels is None

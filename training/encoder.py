@@ -8,7 +8,7 @@ latents that G turns back into them, minimising
 where f is D's features before its last layer. A(x) is also the anomaly score: an image like the
 training data is reconstructed well in pixels and in D's features; off the data manifold neither.
 ``EncoderStep`` is a step under the same run loop as the GAN (resumable, curves, evaluations);
-``AnomalyScorer`` is the module that is exported: image [and class] -> (z, reconstruction, score).
+``AnomalyScorer`` is the module that is exported: image [and class] -> (z, reconstruction, score, logit).
 """
 
 from __future__ import annotations
@@ -49,30 +49,28 @@ class Encoder(nn.Module):
         return self.main(images).flatten(1)
 
 
-def discriminator_features(discriminator: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """f(x): D's activations before its last layer, flattened (the same for a projection D)."""
-    return discriminator.main[:-1](images).flatten(1)
-
-
 class AnomalyScorer(nn.Module):
-    """E, G and D's features together: images [labels] -> (z, reconstruction, anomaly score).
-    The published ``encoder.onnx`` is this module, so the server runs one network per call."""
+    """E, G and D together: images [labels] -> (z, reconstruction, anomaly score, D's logit).
+    The published ``encoder.onnx`` is this module, so a Score with anomaly runs one network: D's
+    trunk sees each image once, for the logit and for the feature residual."""
 
     def __init__(self, encoder: nn.Module, generator: nn.Module, discriminator: nn.Module, kappa: float):
         super().__init__()
         self.encoder, self.generator, self.discriminator, self.kappa = encoder, generator, discriminator, kappa
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.encoder(images)
         reconstruction = self.generator(z, labels)
-        return z, reconstruction, self.score(images, reconstruction)
+        features = self.discriminator.features(images)
+        return z, reconstruction, self.score(images, features, reconstruction), \
+            self.discriminator.logits(features, labels)
 
-    def score(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    def score(self, images: torch.Tensor, features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """A(x): mean squared pixel residual + kappa * mean squared residual of D's features."""
         pixels = (images - reconstruction).pow(2).flatten(1).mean(1)
-        f_real = discriminator_features(self.discriminator, images)
-        f_fake = discriminator_features(self.discriminator, reconstruction)
-        return pixels + self.kappa * (f_real - f_fake).pow(2).mean(1)
+        residual = features - self.discriminator.features(reconstruction)
+        return pixels + self.kappa * residual.pow(2).flatten(1).mean(1)
 
 
 def source_networks(config: TrainConfig) -> tuple[TrainConfig, nn.Module, nn.Module]:
@@ -131,7 +129,7 @@ class EncoderStep:
         """One Adam step of E on the izi_f loss of a real batch."""
         self.E.train()  # an evaluation between steps left it in eval mode
         self.opt.zero_grad(set_to_none=True)
-        _, reconstruction, scores = self.scorer(real, labels)
+        _, reconstruction, scores, _ = self.scorer(real, labels)
         loss = scores.mean()
         loss.backward()
         self.opt.step()
@@ -156,7 +154,7 @@ class EncoderStep:
         """Reconstructions and scores with E in eval mode (its BatchNorm's running statistics)."""
         self.E.eval()
         labels = None if labels is None else labels.to(self.device)
-        _, reconstruction, scores = self.scorer(batch.to(self.device), labels)
+        _, reconstruction, scores, _ = self.scorer(batch.to(self.device), labels)
         return reconstruction, scores
 
     def held_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -200,20 +198,36 @@ def held_out_images(config: TrainConfig, count: int) -> tuple[torch.Tensor, torc
 
 
 #: The scorer's outputs, as exported and as the manifest names them.
-OUTPUTS = {"latents": "z", "reconstruction": "reconstruction", "score": "anomaly"}
+OUTPUTS = {"latents": "z", "reconstruction": "reconstruction", "score": "anomaly", "logits": "logits"}
 CALIBRATION_IMAGES = 5000  # MNIST test digits 0..4999; 5000..9999 stay unseen, for benchmarks and tests
 
 
 @torch.no_grad()
 def calibration(scorer: AnomalyScorer, config: TrainConfig, count: int = CALIBRATION_IMAGES) -> dict:
-    """What a score means: the quantiles (0, 0.001, ..., 1) of held-out real images' scores, so
-    the share of them scoring at most s (its percentile) can be read off for any s."""
+    """What a score means: the quantiles (0, 0.001, ..., 1) of held-out real images' scores (a
+    conditional model's under their classes), so the share of them scoring at most s (its
+    percentile) can be read off for any s; for a conditional model also ``class_accuracy``: how
+    often the class that reconstructs an image best is its class (the server names that class
+    for unlabelled images only when this is high enough)."""
     x, labels = held_out_images(config, count)
-    parts = [scorer(x[i : i + 500], None if labels is None else labels[i : i + 500])[2] for i in range(0, len(x), 500)]
-    quantiles = np.quantile(torch.cat(parts).numpy().astype(np.float64), np.linspace(0, 1, 1001))
+    if labels is None:
+        scores = _scores_in_chunks(scorer, x, None)
+        extra = {}
+    else:
+        table = torch.stack([_scores_in_chunks(scorer, x, torch.full_like(labels, c))
+                             for c in range(config.model.num_classes)])
+        scores = table.gather(0, labels[None]).squeeze(0)
+        extra = {"class_accuracy": round(float((table.argmin(0) == labels).float().mean()), 4)}
+    quantiles = np.quantile(scores.numpy().astype(np.float64), np.linspace(0, 1, 1001))
     source = "MNIST test digits" if config.data.dataset == "mnist" else f"{config.data.dataset} images"
     return {"outputs": OUTPUTS, "kappa": scorer.kappa, "reference": f"the first {len(x)} {source} (held out)",
-            "quantiles": [float(f"{q:.6g}") for q in quantiles]}
+            "quantiles": [float(f"{q:.6g}") for q in quantiles], **extra}
+
+
+def _scores_in_chunks(scorer: AnomalyScorer, x: torch.Tensor, labels: torch.Tensor | None,
+                      chunk: int = 500) -> torch.Tensor:
+    return torch.cat([scorer(x[i : i + chunk], None if labels is None else labels[i : i + chunk])[2]
+                      for i in range(0, len(x), chunk)])
 
 
 def encoder_run(config: TrainConfig, force: bool = False) -> RunLoop:

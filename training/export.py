@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ for _chatty in ("onnxscript", "onnx_ir"):  # the exporter's optimizer logs every
 # torch.onnx warns that torchvision's operators are not registered: this project uses none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 GENERATOR_FILE, DISCRIMINATOR_FILE, ENCODER_FILE = "generator.onnx", "discriminator.onnx", "encoder.onnx"
+#: The anomaly scorer chains E, G and D: float32 rounding in E moves G's pixels and D's features
+#: (measured up to 4e-5 on the mnist preset), still 1/200 of one uint8 step of an image.
+SCORER_ATOL = 1e-4
 PARITY_BATCHES = (1, 7, 64)
 LABEL_INPUT = "labels"  # int64 [N] class input of both conditional networks
 
@@ -207,7 +210,8 @@ def export_run(run_dir: Path, repository: Repository, name: str, options: Export
             log.info("exporting the encoder (with G and D's features: the anomaly scorer) to %s", ENCODER_FILE)
             example = tuple(torch.from_numpy(a[:2]) for a in x_inputs[1])
             _export(run.scorer, example, folder / ENCODER_FILE, ["samples", *label_input], list(OUTPUTS.values()))
-            parity["encoder"] = check_parity(run.scorer, folder / ENCODER_FILE, x_inputs, options)
+            scorer_options = replace(options, atol=max(options.atol, SCORER_ATOL))
+            parity["encoder"] = check_parity(run.scorer, folder / ENCODER_FILE, x_inputs, scorer_options)
             anomaly = calibration(run.scorer, run.config)
         return draft_manifest(name, run, options, folder, parity, metrics, anomaly)
 

@@ -117,11 +117,19 @@ class Discriminator(nn.Module):
         return [conv, *norm, nn.LeakyReLU(0.2, inplace=True)]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.features(images), labels)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """phi(x): every layer but the head (the anomaly scorer compares images by these)."""
+        return self.main[:-1](images)
+
+    def logits(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The head [and the class projection] on phi(x): one trunk pass serves both the logit
+        and the anomaly scorer's feature residual."""
+        logits = self.main[-1](features).reshape(-1)
         if self.embed is None:
-            return self.main(images).reshape(-1)
-        features = self.main[:-1](images)
-        projection = (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
-        return self.main[-1](features).reshape(-1) + projection
+            return logits
+        return logits + (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
 
 
 def _mlp(sizes: list[int], activation: nn.Module) -> nn.Sequential:

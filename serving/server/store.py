@@ -130,9 +130,11 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
 
 
 def scorer_outputs(manifest: Manifest) -> list[tuple[str, list[int | None]]]:
-    """The anomaly scorer's outputs, by the names its manifest gives them: latents, reconstruction, score."""
+    """The anomaly scorer's outputs, by the names its manifest gives them: latents, reconstruction,
+    score and D's logit."""
     names = manifest.anomaly.get("outputs", {})
-    shapes = {"latents": [manifest.latent_size], "reconstruction": list(manifest.sample_shape), "score": []}
+    shapes = {"latents": [manifest.latent_size], "reconstruction": list(manifest.sample_shape), "score": [],
+              "logits": []}
     return [(names.get(role, ""), shape) for role, shape in shapes.items()]
 
 
