@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ def coerce(value: Any, kind: type, key: str, origin: str, error: type[Exception]
 
 
 def _parse_text(text: str, kind: type, key: str, origin: str, error: type[Exception]) -> Any:
+    if kind is list:  # "3", "3,8" or "[3, 8]"
+        try:
+            return json.loads(text if text.strip().startswith("[") else f"[{text}]")
+        except ValueError:
+            pass
     if kind is bool and text.lower() in TRUE + FALSE:
         return text.lower() in TRUE
     if kind is not bool:

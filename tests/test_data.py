@@ -126,3 +126,22 @@ def test_image_convention_roundtrip():
     model = images.uint8_to_model(pixels)
     assert model.min() == -1.0 and model.max() == 1.0
     np.testing.assert_array_equal(images.model_to_uint8(model), pixels)
+
+
+def test_a_held_out_digit_is_left_out_of_training(mnist_dir):
+    """data.hold_out removes the digits from the training images (and --set parses a list)."""
+    from training.config import ConfigError, load_config, parse_override
+
+    config = load_config("mnist", overrides=[parse_override(f"data.path={mnist_dir}"),
+                                             parse_override("data.hold_out=3,8")])
+    assert config.data.hold_out == [3, 8]
+    batches = data.build_batches(config)
+    _, labels = data.load_mnist(mnist_dir, "train")
+    kept = images.uint8_to_model(data.load_mnist(mnist_dir, "train")[0][~np.isin(labels, [3, 8])])
+    assert len(batches.data) == len(kept) < len(labels)
+    assert torch.equal(batches.data, torch.from_numpy(kept))
+    for bad in ("data.hold_out=10", "data.hold_out=[0,1,2,3,4,5,6,7,8,9]", "data.hold_out=x"):
+        with pytest.raises(ConfigError, match="data.hold_out"):
+            load_config("mnist", overrides=[parse_override(bad)])
+    with pytest.raises(ConfigError, match="data.hold_out"):
+        load_config("mnist-cond", overrides=[parse_override("data.hold_out=3")])

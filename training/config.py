@@ -33,6 +33,8 @@ class DataConfig:
     download: bool = setting(False, "MNIST only: fetch missing files (verified) instead of failing")
     toy_epoch_samples: int = setting(65536, "toy data is sampled fresh; this many samples make an epoch")
     synthetic_samples: int = setting(256, "size of the random dataset used by --dry-run")
+    hold_out: list = setting([], "MNIST digits left out of training, e.g. 3 or 3,8: a model that never saw "
+                                 "them, for measuring how anomaly scores treat a class they did not learn")
 
 
 @dataclass
@@ -127,6 +129,10 @@ class TrainConfig:
         _check(not (d.dataset == "mnist" and (d.channels, d.image_size) != (1, 28)),
                "data.channels/image_size", (d.channels, d.image_size), "(1, 28) for MNIST")
         _check(d.dataset != "folder" or bool(d.path), "data.path", d.path, "a folder of images")
+        _check(not d.hold_out or (d.dataset == "mnist" and not m.num_classes), "data.hold_out", d.hold_out,
+               "empty, except for unconditional MNIST models")
+        _check(all(type(c) is int and 0 <= c <= 9 for c in d.hold_out) and len(set(d.hold_out)) < 10,
+               "data.hold_out", d.hold_out, "some of the digits 0..9, not all")
         for key, value in [("model.latent_size", m.latent_size), ("model.ngf", m.ngf),
                            ("model.ndf", m.ndf), ("model.toy_hidden", m.toy_hidden),
                            ("model.toy_layers", m.toy_layers), ("optim.batch_size", o.batch_size),

@@ -270,6 +270,8 @@ def build_batches(config: TrainConfig) -> ImageBatches | ToyBatches:
     labels, names = None, [str(c) for c in range(classes)]
     if d.dataset == "mnist":
         pixels, labels = load_mnist(Path(d.path), "train", d.download)  # classes "0".."9": the default names
+        kept = ~np.isin(labels, d.hold_out)
+        pixels, labels = pixels[kept], labels[kept]
     elif d.dataset == "folder" and classes:
         pixels, labels, names = load_labelled_folder(Path(d.path), d.image_size, d.channels, config.run.progress)
     elif d.dataset == "folder":

@@ -183,14 +183,16 @@ class EncoderStep:
 
 
 def held_out_images(config: TrainConfig, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Real images E never trained on: the first ``count`` of MNIST's test split (synthetic images
-    for synthetic data), with their classes for conditional models."""
+    """Real images E never trained on: the first ``count`` of MNIST's test split, less any digits
+    the GAN was trained without (synthetic images for synthetic data), with their classes for
+    conditional models."""
     from training.data import load_mnist, synthetic_images
 
     d = config.data
     if d.dataset == "mnist":
         pixels, labels = load_mnist(Path(d.path), "test")
-        pixels, labels = pixels[:count], labels[:count].astype(np.int64)
+        kept = ~np.isin(labels, d.hold_out)
+        pixels, labels = pixels[kept][:count], labels[kept][:count].astype(np.int64)
     else:
         pixels, labels = synthetic_images(count, d.channels, d.image_size, 1), np.zeros(count, np.int64)
     x = torch.from_numpy(images.uint8_to_model(pixels).reshape(-1, d.channels, d.image_size, d.image_size))
