@@ -37,6 +37,9 @@ def test_export_round_trip_matches_torch(tiny_run, tmp_path):
     np.testing.assert_allclose(logits, run.discriminator(torch.from_numpy(images)).detach().numpy(),
                                rtol=1e-3, atol=1e-5)
     assert repository.manifest("tiny", 1) == manifest
+    graph = onnx.load(str(repository.version_dir("tiny", 1) / "generator.onnx")).graph
+    first = next(node.op_type for node in graph.node if node.op_type in ("MatMul", "Gemm", "ConvTranspose"))
+    assert first in ("MatMul", "Gemm")  # G's first layer as the matrix product it is (onnxruntime runs it fast)
 
 
 def test_toy_export(tiny_toy_run, tmp_path):
