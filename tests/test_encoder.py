@@ -53,6 +53,7 @@ def test_the_encoder_is_published_in_the_version_with_its_calibration(encoder_ve
     assert repository.manifest("enc", 1) == manifest  # sha256 of encoder.onnx verified too
     assert manifest.encoder.file == "encoder.onnx" and manifest.encoder.input_shape == [None, 1, 28, 28]
     assert set(manifest.training["parity"]) >= {"generator", "discriminator", "encoder"}
+    assert manifest.training["parity"]["encoder"]["atol"] == 1e-4  # the scorer's own tolerance, recorded
     quantiles = manifest.anomaly["quantiles"]
     assert len(quantiles) == 1001 and quantiles == sorted(quantiles)
     folder = repository.version_dir("enc", 1)

@@ -107,6 +107,23 @@ def test_real_mnist_digits_score_above_noise(client, mnist_dir):
     assert (real[:, None] > fake[None, :]).mean() > 0.9
 
 
+def test_the_default_models_anomaly_score_puts_real_digits_below_far_images(client, mnist_dir):
+    """The committed default model's encoder: unseen test digits spread over the calibrated
+    percentiles (the first 5000 set them), while noise, blank white and inverted digits, which the
+    discriminator alone rates as real or near it, all score past every real digit."""
+    from training.data import load_mnist
+
+    digits = load_mnist(mnist_dir, "test")[0][5000:5200]
+    far = {"noise": np.random.default_rng(0).integers(0, 256, digits.shape, dtype=np.uint8),
+           "blank white": np.full_like(digits, 255), "inverted": 255 - digits}
+    real = client.score(digits, model="mnist-dcgan", anomaly=True)
+    assert 0.35 < real.anomaly_percentile.mean() < 0.65
+    for kind, pixels in far.items():
+        other = client.score(pixels, model="mnist-dcgan", anomaly=True)
+        assert other.anomaly.min() > real.anomaly.max(), kind
+        assert other.anomaly_percentile.min() == 1.0, kind
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda c: c.sample(0, seed=1), "count must be in 1..512, got 0"),
     (lambda c: c.sample(513, seed=1), "count must be in 1..512, got 513"),

@@ -211,7 +211,8 @@ def export_run(run_dir: Path, repository: Repository, name: str, options: Export
             example = tuple(torch.from_numpy(a[:2]) for a in x_inputs[1])
             _export(run.scorer, example, folder / ENCODER_FILE, ["samples", *label_input], list(OUTPUTS.values()))
             scorer_options = replace(options, atol=max(options.atol, SCORER_ATOL))
-            parity["encoder"] = check_parity(run.scorer, folder / ENCODER_FILE, x_inputs, scorer_options)
+            parity["encoder"] = {**check_parity(run.scorer, folder / ENCODER_FILE, x_inputs, scorer_options),
+                                 "atol": scorer_options.atol}
             anomaly = calibration(run.scorer, run.config)
         return draft_manifest(name, run, options, folder, parity, metrics, anomaly)
 
