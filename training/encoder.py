@@ -13,6 +13,7 @@ training data is reconstructed well in pixels and in D's features; off the data 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,34 +77,35 @@ class AnomalyScorer(nn.Module):
         return pixels + self.kappa * residual.pow(2).flatten(1).mean(1)
 
 
-def source_networks(config: TrainConfig) -> tuple[TrainConfig, nn.Module, nn.Module]:
-    """The trained GAN named by ``encoder.source``: its config, sampling G (EMA, BatchNorm
-    re-estimated) and D, both in eval mode with gradients off."""
-    path = Path(config.encoder.source) / config.encoder.checkpoint
-    saved = checkpoint.load(path)
-    source = saved.train_config
+def load_source(config: TrainConfig) -> checkpoint.Checkpoint:
+    """The trained image GAN named by ``encoder.source`` (read once per encoder run)."""
+    if not config.encoder.source:
+        raise ConfigError("encoder.source is empty: name the trained GAN's run directory")
+    saved = checkpoint.load(Path(config.encoder.source) / config.encoder.checkpoint)
     if saved.model.get("encoder") is not None:
         raise ConfigError(f"encoder.source = {config.encoder.source!r} is an encoder run; name the GAN's run")
+    if saved.train_config.kind != "dcgan":
+        raise ConfigError(f"encoder.source = {config.encoder.source!r} is a {saved.train_config.kind} run; "
+                          f"encoders are for image models")
+    return saved
+
+
+def source_networks(saved: checkpoint.Checkpoint) -> tuple[nn.Module, nn.Module]:
+    """The source GAN's sampling G (EMA, BatchNorm re-estimated) and D, both in eval mode with
+    gradients off."""
+    source = saved.train_config
     generator, discriminator = build_models(source)
     discriminator.load_state_dict(saved.network("discriminator"))
     ema = saved.model.get("ema")
     generator.load_state_dict(ema if ema is not None else saved.network("generator"))
     if ema is not None:
         generator = recalibrate_batchnorm(generator, source.model.latent_size, source.run.seed)
-    return source, generator.eval().requires_grad_(False), discriminator.eval().requires_grad_(False)
+    return generator.eval().requires_grad_(False), discriminator.eval().requires_grad_(False)
 
 
-def resolve(config: TrainConfig) -> TrainConfig:
+def resolve(config: TrainConfig, source: TrainConfig) -> TrainConfig:
     """The encoder run's config: its own run, encoder and optimiser settings on the source GAN's
     data and model (E must see the images G was trained on), the data path as given here."""
-    if not config.encoder.source:
-        raise ConfigError("encoder.source is empty: name the trained GAN's run directory")
-    if config.kind != "dcgan":
-        raise ConfigError("an encoder is for image models; the 2-D toys have none")
-    source = checkpoint.load(Path(config.encoder.source) / config.encoder.checkpoint).train_config
-    if source.kind != "dcgan":
-        raise ConfigError(f"encoder.source = {config.encoder.source!r} is a {source.kind} run; encoders are "
-                          f"for image models")
     path = config.data.path
     config.data, config.model, config.loss = source.data, source.model, source.loss
     config.data.path = path
@@ -113,10 +115,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
 class EncoderStep:
     """E, its optimizer, and the frozen G and D it is trained against."""
 
-    def __init__(self, config: TrainConfig, context: RunContext):
+    def __init__(self, config: TrainConfig, context: RunContext, source: checkpoint.Checkpoint):
         self.config, self.device = config, context.device
         torch.manual_seed(derive_seed(config.run.seed, 7))
-        _, generator, discriminator = source_networks(config)
+        generator, discriminator = source_networks(source)
         d, m, e = config.data, config.model, config.encoder
         self.memory_format, self.bf16 = torch.preserve_format, False  # E trains in fp32
         self.E = Encoder(d.channels, d.image_size, e.nef, m.latent_size).to(self.device)
@@ -237,4 +239,7 @@ def _scores_in_chunks(scorer: AnomalyScorer, x: torch.Tensor, labels: torch.Tens
 
 def encoder_run(config: TrainConfig, force: bool = False) -> RunLoop:
     """An encoder run: :class:`EncoderStep` under the run loop, on the source GAN's data."""
-    return RunLoop(resolve(config), EncoderStep, force=force)
+    if config.kind != "dcgan":
+        raise ConfigError("an encoder is for image models; the 2-D toys have none")
+    source = load_source(config)
+    return RunLoop(resolve(config, source.train_config), partial(EncoderStep, source=source), force=force)
