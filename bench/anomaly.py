@@ -6,7 +6,8 @@ like the data), and a brute-force baseline, the pixel distance to the nearest of
 samples the model generated (Sample). Real images are MNIST test digits the encoder's
 calibration did not use (5000 onwards); every other kind is built from them or from nothing:
 far (uniform noise, blank white, inverted, shifted 8 px) and near (rotated 90 degrees, the left
-half of one digit beside the right half of another), and the model's own samples; with
+half of one digit beside the right half of another, the digit at half size in the middle, 10%
+of pixels set to black or white), and the model's own samples; with
 ``--held-out MODEL:DIGIT``, the test digits of a class that a model (trained with
 data.hold_out=DIGIT) never saw, against its other classes. AUROC is the probability that an
 image of the kind scores as more anomalous than a real one (0.5: chance). Throughput: Score(64)
@@ -39,9 +40,13 @@ FIRST_UNSEEN = 5000  # the encoder's calibration used MNIST test digits 0..4999
 def kinds(real: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """uint8 [N, 28, 28] images of each kind, as many as ``real``."""
     pasted = np.concatenate([real[:, :, :14], np.roll(real, 1, axis=0)[:, :, 14:]], axis=2)
+    half = np.zeros_like(real)
+    half[:, 7:21, 7:21] = real.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)).astype(np.uint8)
+    speckled = np.where(rng.random(real.shape) < 0.1, rng.choice([0, 255], real.shape), real).astype(np.uint8)
     return {"noise": rng.integers(0, 256, real.shape, dtype=np.uint8), "blank white": np.full_like(real, 255),
             "inverted": 255 - real, "shifted 8 px": np.roll(real, 8, axis=2),
-            "rotated 90": np.rot90(real, 1, axes=(1, 2)).copy(), "two halves pasted": pasted}
+            "rotated 90": np.rot90(real, 1, axes=(1, 2)).copy(), "two halves pasted": pasted,
+            "half size": half, "10% salt and pepper": speckled}
 
 
 def auroc(real: np.ndarray, other: np.ndarray) -> float:
