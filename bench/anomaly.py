@@ -107,6 +107,29 @@ def held_out_digit(client: InferenceClient, spec: str, test: np.ndarray, labels:
                        pool_of(client, model, pool))
 
 
+def class_read_back(repository: Path, model: str, test: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """A conditional version's two ways to name an unlabelled digit's class, run from its files on
+    MNIST test digits 5000..6999: the discriminator's most likely class, and the class whose
+    reconstruction scores lowest (what the server uses); the share of digits each gets right."""
+    import onnxruntime as ort
+
+    from dcgan_core.images import uint8_to_model
+    from dcgan_core.repository import Repository
+
+    store = Repository(repository)
+    folder = store.version_dir(model, store.versions(model)[-1])
+    session = {net: ort.InferenceSession(str(folder / f"{net}.onnx"), providers=["CPUExecutionProvider"])
+               for net in ("discriminator", "encoder")}
+    x, y = uint8_to_model(test[FIRST_UNSEEN : FIRST_UNSEEN + 2000]), labels[FIRST_UNSEEN : FIRST_UNSEEN + 2000]
+    classes = store.manifest(model, store.versions(model)[-1]).num_classes
+    every = [{"samples": x, "labels": np.full(len(x), c, np.int64)} for c in range(classes)]
+    logits = np.stack([session["discriminator"].run(None, feed)[0] for feed in every])
+    anomaly = np.stack([session["encoder"].run(["anomaly"], feed)[0] for feed in every])
+    return {"discriminator's most likely class": float((logits.argmax(0) == y).mean()),
+            "best reconstruction": float((anomaly.argmin(0) == y).mean()),
+            "share the discriminator calls 1": float((logits.argmax(0) == 1).mean())}
+
+
 def throughput(client: InferenceClient, model: str, images: np.ndarray, nearest: NearestOfPool,
                repeats: int) -> dict[str, float]:
     """Images per second: Score without and with the anomaly path (a real server), and the
@@ -134,6 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--held-out", action="append", default=[], metavar="MODEL:DIGIT",
                         help="a model of the repository trained without DIGIT (data.hold_out), with an encoder")
+    parser.add_argument("--conditional", metavar="MODEL", help="a conditional model with an encoder: how often "
+                        "each way of naming an unlabelled image's class is right")
     parser.add_argument("--name", default="anomaly")
     args = parser.parse_args()
     test, labels = load_mnist(args.data_dir, "test")
@@ -153,12 +178,15 @@ def main() -> None:
             rates = throughput(client, args.model, real[:64, None], nearest, args.repeats)
     finally:
         server.stop(grace=1)
+    classes = class_read_back(Path(args.repository), args.conditional, test, labels) if args.conditional else {}
+    if classes:
+        print(f"{args.conditional}, class right: " + ", ".join(f"{k} {v:.3f}" for k, v in classes.items()))
     ratio = rates["score with anomaly"] / rates["score"]
     shown = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
     print(f"Score(64), img/s: {shown}; with anomaly / without {ratio:.2f}")
     save(args.name, {"cpu": cpu_model(), "model": args.model, "version": version, "count": args.count,
                      "pool": args.pool, "held_out": args.held_out, "auroc": table, "score_img_per_s": rates,
-                     "anomaly_throughput_ratio": ratio,
+                     "anomaly_throughput_ratio": ratio, "conditional": args.conditional, "class_read_back": classes,
                      "anomaly_vs_baseline": rates["score with anomaly"] / rates["nearest of the pool"]})
 
 
