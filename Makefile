@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-PROTOS  = $(wildcard protos/dcgan/v1/*.proto)
+PROTOS  = $(wildcard protos/dcgan/v1/*.proto protos/dcgan/oip/*.proto)
 MNIST  ?= ../shared/datasets/mnist
 
 .PHONY: setup proto test test-fast lint serve serve-cluster train-mnist train-ring bench clean api-check api-accept

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from dcgan.v1 import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +34,7 @@ from serving.server.config import ServeConfig, ServeConfigError, load_serve_conf
 from serving.server.decoding import DecodeErrorInterceptor
 from serving.server.errors import FailedPrecondition, ServiceError, Unavailable
 from serving.server.metrics import ServingMetrics
+from serving.server.oip import OIP_SERVICE_NAME, OipServicer
 from serving.server.runtime import RuntimeUnavailable, providers_for
 from serving.server.service import InferenceService
 from serving.server.servicer import InferenceServicer
@@ -81,10 +83,11 @@ class InferenceServer:
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(self.service), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert:

@@ -159,6 +159,7 @@ class VersionCard:
     provider: str = ""
     error: str = ""
     manifest_json: str = ""
+    encoder: bool = False  # the version has an anomaly scorer (Score with anomaly, Project)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class ModelCard:
 
 def model_card(entry: ModelEntry) -> ModelCard:
     ready = entry.ready()
-    versions = [VersionCard(v, s.state, s.loaded.provider if s.loaded else "", s.error, s.manifest_json)
+    versions = [VersionCard(v, s.state, s.loaded.provider if s.loaded else "", s.error, s.manifest_json,
+                            bool(s.loaded and s.loaded.encoder))
                 for v, s in sorted(entry.versions.items())]
     manifests = [s.loaded.manifest for _, s in sorted(entry.versions.items()) if s.loaded]
     if manifests:

@@ -38,27 +38,32 @@ async def _encoded(result: SampleResult) -> pb.SampleResponse:
     return codec.sample_response(result)
 
 
+@contextlib.asynccontextmanager
+async def handled(service: InferenceService, method: str, model: str,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Count and time a call of any front end; an error becomes the gRPC status codec.status
+    names (never grpc's UNKNOWN). The call is counted before the status goes out, so a client that
+    has its answer can already see it in the metrics."""
+    start, code, details = time.perf_counter(), "OK", ""
+    try:
+        yield
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error gets a status, the unexpected ones INTERNAL
+        code, details = codec.status(exc, method)
+    finally:
+        service.record_call(method, model, code, time.perf_counter() - start)
+    if code != "OK":
+        await context.abort(getattr(grpc.StatusCode, code), details)
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, service: InferenceService):
         self.service = service
 
-    @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count and time the call; an error becomes the gRPC status codec.status names (never
-        grpc's UNKNOWN). The call is counted before the status goes out, so a client that has
-        its answer can already see it in the metrics."""
-        start, code, details = time.perf_counter(), "OK", ""
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error gets a status, the unexpected ones INTERNAL
-            code, details = codec.status(exc, method)
-        finally:
-            self.service.record_call(method, model, code, time.perf_counter() - start)
-        if code != "OK":
-            await context.abort(getattr(grpc.StatusCode, code), details)
+    def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext):
+        return handled(self.service, method, model, context)
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._rpc("Sample", request.model, context):

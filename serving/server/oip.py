@@ -1,0 +1,271 @@
+"""The Open Inference Protocol (KServe V2) front end over gRPC: translates its messages to the
+same InferenceService calls as dcgan.v1, and the results back.
+
+Each repository model appears as up to three OIP models (OIP versions are repository versions):
+
+- ``<name>``: the generator. Inputs ``z`` FP32 [-1, latent] and, for conditional models,
+  ``labels`` INT64 [-1]; or no inputs and the request parameters ``seed``, ``count`` and
+  ``truncation`` (the same latents as dcgan.v1 Sample with that seed). Outputs ``samples`` FP32 in
+  [-1, 1] and, for image models, ``images`` UINT8.
+- ``<name>-discriminator``: inputs ``samples`` (FP32 in [-1, 1], or UINT8 pixels) [and labels];
+  outputs ``logits`` and ``probabilities`` FP32 [-1].
+- ``<name>-encoder`` (versions with an encoder): inputs as the discriminator's; outputs ``z``,
+  ``reconstruction``, ``anomaly`` and ``anomaly_percentile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from dcgan.oip import grpc_predict_v2_pb2 as oip
+from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+import dcgan_core
+from dcgan_core import images
+from serving.server.errors import InvalidArgument, NotFound, quoted
+from serving.server.inputs import ScoreSpec
+from serving.server.plans import SampleSpec
+from serving.server.service import InferenceService, ModelCard
+from serving.server.servicer import call_of, handled
+
+OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+SERVER_NAME = "dcgan-serve"
+PLATFORM = "onnxruntime_onnx"
+ROLES = {"-discriminator": "discriminator", "-encoder": "encoder"}  # OIP name suffix -> network; none: generator
+DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
+            "INT32": "int_contents", "UINT8": "uint_contents"}
+DATATYPES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+
+TensorMeta = tuple[str, str, list[int]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """An OIP model name resolved: the repository model, the network it exposes, its card."""
+
+    name: str
+    model: str
+    role: str  # generator | discriminator | encoder
+    card: ModelCard
+
+    def ready_versions(self) -> list[int]:
+        return [v.version for v in self.card.versions
+                if v.state == "READY" and (self.role != "encoder" or v.encoder)]
+
+
+def resolve(service: InferenceService, name: str) -> Target:
+    """NOT_FOUND unless ``name`` is a model, or a model's discriminator or (with one) encoder."""
+    cards = {card.name: card for card in service.models()[0]}
+    model, role = name, "generator"
+    for suffix, network in ROLES.items():
+        if name.endswith(suffix) and name[: -len(suffix)] in cards:
+            model, role = name[: -len(suffix)], network
+    if model not in cards or (role == "encoder" and not any(v.encoder for v in cards[model].versions)):
+        raise NotFound(f"model {quoted(name)} not found; models: {', '.join(names(cards.values()))}")
+    return Target(name, model, role, cards[model])
+
+
+def names(cards) -> list[str]:
+    """Every OIP model name the repository's models give."""
+    listed = []
+    for card in cards:
+        listed += [card.name, f"{card.name}-discriminator"]
+        listed += [f"{card.name}-encoder"] if any(v.encoder for v in card.versions) else []
+    return listed
+
+
+def version_of(text: str) -> int:
+    """An OIP version string: empty is the latest ready version (0 to the service)."""
+    if text == "":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"model version {quoted(text)} is not a positive integer")
+    return int(text)
+
+
+def tensors(target: Target) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """The inputs and outputs of the target's network: (name, datatype, shape), -1 any size."""
+    card = target.card
+    sample = [-1, *card.sample_shape]
+    labels = [("labels", "INT64", [-1])] if card.num_classes else []
+    if target.role == "generator":
+        outputs = [("samples", "FP32", sample)] + ([("images", "UINT8", sample)] if card.kind == "dcgan" else [])
+        return [("z", "FP32", [-1, card.latent_size]), *labels], outputs
+    if target.role == "discriminator":
+        return [("samples", "FP32", sample), *labels], [("logits", "FP32", [-1]), ("probabilities", "FP32", [-1])]
+    return [("samples", "FP32", sample), *labels], [("z", "FP32", [-1, card.latent_size]),
+                                                   ("reconstruction", "FP32", sample), ("anomaly", "FP32", [-1]),
+                                                   ("anomaly_percentile", "FP32", [-1])]
+
+
+def input_arrays(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Each input tensor by name, from raw_input_contents or from its typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    arrays = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.datatype not in DTYPES:
+            raise InvalidArgument(f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)} is not one "
+                                  f"of {', '.join(DTYPES)}")
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {quoted(tensor.name)} appears twice")
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"input {quoted(tensor.name)}: shape {list(shape)} has a negative size")
+        dtype = np.dtype(DTYPES[tensor.datatype]).newbyteorder("<")
+        if raw:
+            if len(raw[i]) != int(np.prod(shape)) * dtype.itemsize:
+                raise InvalidArgument(f"input {quoted(tensor.name)}: {len(raw[i])} bytes for shape {list(shape)} "
+                                      f"of {tensor.datatype}")
+            values = np.frombuffer(raw[i], dtype)
+        else:
+            values = np.asarray(getattr(tensor.contents, CONTENTS[tensor.datatype]), dtype)
+            if values.size != int(np.prod(shape)):
+                raise InvalidArgument(f"input {quoted(tensor.name)}: {values.size} values for shape {list(shape)}")
+        arrays[tensor.name] = values.reshape(shape).astype(dtype.newbyteorder("="))
+    return arrays
+
+
+def parameter(request: oip.ModelInferRequest, name: str, kind: type) -> int | float | None:
+    """A request parameter as ``kind`` (int or float), None when absent."""
+    if name not in request.parameters:
+        return None
+    given = request.parameters[name]
+    value = getattr(given, given.WhichOneof("parameter_choice") or "", None)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or (kind is int and not float(value).is_integer()):
+        raise InvalidArgument(f"parameter {quoted(name)} must be {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _expect(arrays: dict[str, np.ndarray], allowed: set[str]) -> None:
+    unknown = sorted(set(arrays) - allowed)
+    if unknown:
+        raise InvalidArgument(f"unknown input {quoted(unknown[0])}; inputs: {', '.join(sorted(allowed))}")
+
+
+def _labels(arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
+    labels = arrays.get("labels")
+    if labels is None:
+        return ()
+    if labels.dtype not in (np.int64, np.int32) or labels.ndim != 1:
+        raise InvalidArgument("input 'labels' must be INT64 [N]")
+    return tuple(int(v) for v in labels)
+
+
+class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over the InferenceService (metrics name each call
+    ``oip.<method>``: the protocol is in the method label)."""
+
+    def __init__(self, service: InferenceService):
+        self.service = service
+
+    def _rpc(self, method: str, model: str, context: grpc.aio.ServicerContext):
+        return handled(self.service, f"oip.{method}", model, context)
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        async with self._rpc("ServerReady", "", context):
+            cards, _ = self.service.models()
+            return oip.ServerReadyResponse(ready=bool(cards) and all(card.latest_version for card in cards))
+
+    async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=dcgan_core.__version__,
+                                          extensions=["model_repository", "binary_tensor_data", "parameters"])
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        async with self._rpc("ModelReady", request.name, context):
+            version, target = version_of(request.version), resolve(self.service, request.name)
+            ready = target.ready_versions()
+            return oip.ModelReadyResponse(ready=(version in ready) if version else bool(ready))
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        async with self._rpc("ModelMetadata", request.name, context):
+            version, target = version_of(request.version), resolve(self.service, request.name)
+            if version and version not in target.ready_versions():
+                raise NotFound(f"model {quoted(request.name)} has no ready version {version}")
+            inputs, outputs = tensors(target)
+            meta = oip.ModelMetadataResponse.TensorMetadata
+            return oip.ModelMetadataResponse(
+                name=target.name, versions=[str(v) for v in target.ready_versions()], platform=PLATFORM,
+                inputs=[meta(name=n, datatype=d, shape=s) for n, d, s in inputs],
+                outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
+
+    async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
+        async with self._rpc("RepositoryIndex", "", context):
+            entries = []
+            for card in self.service.models()[0]:
+                for version in card.versions:
+                    for name in names([card]):
+                        if name.endswith("-encoder") and not version.encoder:
+                            continue
+                        state = "READY" if version.state == "READY" else "UNAVAILABLE"
+                        if not request.ready or state == "READY":
+                            entries.append(oip.RepositoryIndexResponse.ModelIndex(
+                                name=name, version=str(version.version), state=state, reason=version.error))
+            return oip.RepositoryIndexResponse(models=entries)
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        async with self._rpc("ModelInfer", request.model_name, context):
+            target, version = resolve(self.service, request.model_name), version_of(request.model_version)
+            arrays = input_arrays(request)
+            infer = {"generator": self._generate, "discriminator": self._discriminate, "encoder": self._encode}
+            outputs, used, extra = await infer[target.role](target.model, version, request, arrays, context)
+            return response(request, target, used, outputs, extra)
+
+    async def _generate(self, model: str, version: int, request, arrays, context):
+        _expect(arrays, {"z", "labels"})
+        z = arrays.get("z")
+        if z is not None and z.dtype != np.float32:
+            raise InvalidArgument("input 'z' must be FP32 [N, latent]")
+        count = parameter(request, "count", int)
+        spec = SampleSpec(count or (0 if z is not None else 1), parameter(request, "seed", int), z,
+                          _labels(arrays), parameter(request, "truncation", float), model=model, version=version,
+                          encoding="float32")
+        result = await self.service.sample(spec, call_of(context))
+        outputs = {"samples": result.samples}
+        if result.manifest.kind == "dcgan":
+            outputs["images"] = images.model_to_uint8(result.samples)
+        return outputs, result.manifest.version, {"seed": result.seed}
+
+    async def _discriminate(self, model: str, version: int, request, arrays, context):
+        result = await self.service.score(self._score_spec(model, version, arrays), call_of(context))
+        return {"logits": result.logits, "probabilities": result.probabilities}, result.manifest.version, {}
+
+    async def _encode(self, model: str, version: int, request, arrays, context):
+        result = await self.service.project(self._score_spec(model, version, arrays), "float32", call_of(context))
+        return ({"z": result.latents, "reconstruction": result.reconstructions, "anomaly": result.anomaly,
+                 "anomaly_percentile": result.anomaly_percentile}, result.manifest.version, {})
+
+    @staticmethod
+    def _score_spec(model: str, version: int, arrays: dict[str, np.ndarray]) -> ScoreSpec:
+        _expect(arrays, {"samples", "labels"})
+        if "samples" not in arrays:
+            raise InvalidArgument("input 'samples' is required")
+        samples = arrays["samples"]
+        if samples.dtype not in (np.float32, np.uint8):
+            raise InvalidArgument("input 'samples' must be FP32 (model range) or UINT8 (pixels)")
+        return ScoreSpec(array=samples, labels=_labels(arrays), model=model, version=version)
+
+
+def response(request: oip.ModelInferRequest, target: Target, version: int, outputs: dict[str, np.ndarray],
+             extra: dict[str, int]) -> oip.ModelInferResponse:
+    """The requested outputs (all when none is named), as raw little-endian bytes."""
+    wanted = [o.name for o in request.outputs] or list(outputs)
+    unknown = [name for name in wanted if name not in outputs]
+    if unknown:
+        raise InvalidArgument(f"unknown output {quoted(unknown[0])}; outputs: {', '.join(outputs)}")
+    reply = oip.ModelInferResponse(model_name=target.name, model_version=str(version), id=request.id)
+    for key, value in extra.items():
+        reply.parameters[key].int64_param = value
+    for name in wanted:
+        array = np.ascontiguousarray(outputs[name])
+        reply.outputs.add(name=name, datatype=DATATYPES[array.dtype], shape=list(array.shape))
+        reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return reply
