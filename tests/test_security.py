@@ -54,6 +54,21 @@ def test_missing_or_wrong_token_is_unauthenticated(secure_server, certificate, t
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_open_inference_protocol_needs_the_token_too(secure_server, certificate):
+    """Bearer-token auth covers every front end on the port, the OIP's included."""
+    import grpc
+    from dcgan.oip import grpc_predict_v2_pb2 as oip
+    from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    ca, target = str(certificate / "cert.pem"), f"localhost:{secure_server.port}"
+    request = oip.ModelMetadataRequest(name="tiny")
+    with security.channel(target, [], ca) as channel:
+        with pytest.raises(grpc.RpcError, match="missing or invalid bearer token"):
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request)
+    with security.channel(target, [], ca, "s3cret-token") as channel:
+        assert oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request).name == "tiny"
+
+
 def test_plaintext_client_cannot_talk_to_tls_server(secure_server):
     with InferenceClient(f"localhost:{secure_server.port}", timeout=5) as client:
         with pytest.raises(UnavailableError):
