@@ -27,7 +27,7 @@ from dcgan_core import images
 from serving.server.errors import InvalidArgument, NotFound, quoted
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import SampleSpec
-from serving.server.service import InferenceService, ModelCard
+from serving.server.service import Call, InferenceService, ModelCard
 from serving.server.servicer import call_of, handled
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
@@ -130,12 +130,17 @@ def input_arrays(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def parameter(request: oip.ModelInferRequest, name: str, kind: type) -> int | float | None:
+def grpc_parameters(parameters) -> dict[str, object]:
+    """An OIP gRPC parameter map as plain values (bool, int, float or str)."""
+    return {name: getattr(given, given.WhichOneof("parameter_choice") or "", None)
+            for name, given in parameters.items()}
+
+
+def parameter(parameters: dict[str, object], name: str, kind: type) -> int | float | None:
     """A request parameter as ``kind`` (int or float), None when absent."""
-    if name not in request.parameters:
+    if name not in parameters:
         return None
-    given = request.parameters[name]
-    value = getattr(given, given.WhichOneof("parameter_choice") or "", None)
+    value = parameters[name]
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not numeric or (kind is int and not float(value).is_integer()):
         raise InvalidArgument(f"parameter {quoted(name)} must be {'an integer' if kind is int else 'a number'}")
@@ -157,6 +162,48 @@ def _labels(arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
     return tuple(int(v) for v in labels)
 
 
+def server_ready(service: InferenceService) -> bool:
+    """Every model has a ready version."""
+    cards, _ = service.models()
+    return bool(cards) and all(card.latest_version for card in cards)
+
+
+def server_metadata() -> dict:
+    return {"name": SERVER_NAME, "version": dcgan_core.__version__,
+            "extensions": ["model_repository", "binary_tensor_data", "parameters"]}
+
+
+def model_ready(service: InferenceService, name: str, version_text: str) -> bool:
+    version, target = version_of(version_text), resolve(service, name)
+    ready = target.ready_versions()
+    return (version in ready) if version else bool(ready)
+
+
+def model_metadata(service: InferenceService, name: str, version_text: str) -> dict:
+    """The spec's model metadata: ready versions, platform, inputs and outputs."""
+    version, target = version_of(version_text), resolve(service, name)
+    if version and version not in target.ready_versions():
+        raise NotFound(f"model {quoted(name)} has no ready version {version}")
+    inputs, outputs = tensors(target)
+    described = lambda metas: [{"name": n, "datatype": d, "shape": s} for n, d, s in metas]  # noqa: E731
+    return {"name": target.name, "versions": [str(v) for v in target.ready_versions()], "platform": PLATFORM,
+            "inputs": described(inputs), "outputs": described(outputs)}
+
+
+def repository_index(service: InferenceService, ready_only: bool) -> list[dict]:
+    """Every OIP model and version the store knows, with its state (Triton's RepositoryIndex)."""
+    entries = []
+    for card in service.models()[0]:
+        for version in card.versions:
+            for name in names([card]):
+                state = "READY" if version.state == "READY" else "UNAVAILABLE"
+                if (name.endswith("-encoder") and not version.encoder) or (ready_only and state != "READY"):
+                    continue
+                entries.append({"name": name, "version": str(version.version), "state": state,
+                                "reason": version.error})
+    return entries
+
+
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the InferenceService (metrics name each call
     ``oip.<method>``: the protocol is in the method label)."""
@@ -172,100 +219,105 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
         async with self._rpc("ServerReady", "", context):
-            cards, _ = self.service.models()
-            return oip.ServerReadyResponse(ready=bool(cards) and all(card.latest_version for card in cards))
+            return oip.ServerReadyResponse(ready=server_ready(self.service))
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name=SERVER_NAME, version=dcgan_core.__version__,
-                                          extensions=["model_repository", "binary_tensor_data", "parameters"])
+        return oip.ServerMetadataResponse(**server_metadata())
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
         async with self._rpc("ModelReady", request.name, context):
-            version, target = version_of(request.version), resolve(self.service, request.name)
-            ready = target.ready_versions()
-            return oip.ModelReadyResponse(ready=(version in ready) if version else bool(ready))
+            return oip.ModelReadyResponse(ready=model_ready(self.service, request.name, request.version))
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
         async with self._rpc("ModelMetadata", request.name, context):
-            version, target = version_of(request.version), resolve(self.service, request.name)
-            if version and version not in target.ready_versions():
-                raise NotFound(f"model {quoted(request.name)} has no ready version {version}")
-            inputs, outputs = tensors(target)
-            meta = oip.ModelMetadataResponse.TensorMetadata
-            return oip.ModelMetadataResponse(
-                name=target.name, versions=[str(v) for v in target.ready_versions()], platform=PLATFORM,
-                inputs=[meta(name=n, datatype=d, shape=s) for n, d, s in inputs],
-                outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
+            return oip.ModelMetadataResponse(**model_metadata(self.service, request.name, request.version))
 
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
         async with self._rpc("RepositoryIndex", "", context):
-            entries = []
-            for card in self.service.models()[0]:
-                for version in card.versions:
-                    for name in names([card]):
-                        if name.endswith("-encoder") and not version.encoder:
-                            continue
-                        state = "READY" if version.state == "READY" else "UNAVAILABLE"
-                        if not request.ready or state == "READY":
-                            entries.append(oip.RepositoryIndexResponse.ModelIndex(
-                                name=name, version=str(version.version), state=state, reason=version.error))
-            return oip.RepositoryIndexResponse(models=entries)
+            return oip.RepositoryIndexResponse(models=repository_index(self.service, request.ready))
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         async with self._rpc("ModelInfer", request.model_name, context):
-            target, version = resolve(self.service, request.model_name), version_of(request.model_version)
-            arrays = input_arrays(request)
-            infer = {"generator": self._generate, "discriminator": self._discriminate, "encoder": self._encode}
-            outputs, used, extra = await infer[target.role](target.model, version, request, arrays, context)
-            return response(request, target, used, outputs, extra)
-
-    async def _generate(self, model: str, version: int, request, arrays, context):
-        _expect(arrays, {"z", "labels"})
-        z = arrays.get("z")
-        if z is not None and z.dtype != np.float32:
-            raise InvalidArgument("input 'z' must be FP32 [N, latent]")
-        count = parameter(request, "count", int)
-        spec = SampleSpec(count or (0 if z is not None else 1), parameter(request, "seed", int), z,
-                          _labels(arrays), parameter(request, "truncation", float), model=model, version=version,
-                          encoding="float32")
-        result = await self.service.sample(spec, call_of(context))
-        outputs = {"samples": result.samples}
-        if result.manifest.kind == "dcgan":
-            outputs["images"] = images.model_to_uint8(result.samples)
-        return outputs, result.manifest.version, {"seed": result.seed}
-
-    async def _discriminate(self, model: str, version: int, request, arrays, context):
-        result = await self.service.score(self._score_spec(model, version, arrays), call_of(context))
-        return {"logits": result.logits, "probabilities": result.probabilities}, result.manifest.version, {}
-
-    async def _encode(self, model: str, version: int, request, arrays, context):
-        result = await self.service.project(self._score_spec(model, version, arrays), "float32", call_of(context))
-        return ({"z": result.latents, "reconstruction": result.reconstructions, "anomaly": result.anomaly,
-                 "anomaly_percentile": result.anomaly_percentile}, result.manifest.version, {})
-
-    @staticmethod
-    def _score_spec(model: str, version: int, arrays: dict[str, np.ndarray]) -> ScoreSpec:
-        _expect(arrays, {"samples", "labels"})
-        if "samples" not in arrays:
-            raise InvalidArgument("input 'samples' is required")
-        samples = arrays["samples"]
-        if samples.dtype not in (np.float32, np.uint8):
-            raise InvalidArgument("input 'samples' must be FP32 (model range) or UINT8 (pixels)")
-        return ScoreSpec(array=samples, labels=_labels(arrays), model=model, version=version)
+            result = await infer(self.service, request.model_name, request.model_version, input_arrays(request),
+                                 grpc_parameters(request.parameters), call_of(context))
+            return response(request, result)
 
 
-def response(request: oip.ModelInferRequest, target: Target, version: int, outputs: dict[str, np.ndarray],
-             extra: dict[str, int]) -> oip.ModelInferResponse:
+@dataclass(frozen=True)
+class InferResult:
+    target: Target
+    version: int
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, int]
+
+    def selected(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The named outputs in that order (all when none is named); INVALID_ARGUMENT for others."""
+        unknown = [name for name in names if name not in self.outputs]
+        if unknown:
+            raise InvalidArgument(f"unknown output {quoted(unknown[0])}; outputs: {', '.join(self.outputs)}")
+        return {name: self.outputs[name] for name in names or self.outputs}
+
+
+async def infer(service: InferenceService, name: str, version_text: str, arrays: dict[str, np.ndarray],
+                parameters: dict[str, object], call: Call) -> InferResult:
+    """One OIP inference, any transport: the target network's service call."""
+    target, version = resolve(service, name), version_of(version_text)
+    run = {"generator": _generate, "discriminator": _discriminate, "encoder": _encode}[target.role]
+    outputs, used, extra = await run(service, target.model, version, arrays, parameters, call)
+    return InferResult(target, used, outputs, extra)
+
+
+async def _generate(service: InferenceService, model: str, version: int, arrays: dict[str, np.ndarray],
+                    parameters: dict[str, object], call: Call):
+    _expect(arrays, {"z", "labels"})
+    z = arrays.get("z")
+    if z is not None and z.dtype != np.float32:
+        raise InvalidArgument("input 'z' must be FP32 [N, latent]")
+    count = parameter(parameters, "count", int)
+    spec = SampleSpec(count or (0 if z is not None else 1), parameter(parameters, "seed", int), z,
+                      _labels(arrays), parameter(parameters, "truncation", float), model=model, version=version,
+                      encoding="float32")
+    result = await service.sample(spec, call)
+    outputs = {"samples": result.samples}
+    if result.manifest.kind == "dcgan":
+        outputs["images"] = images.model_to_uint8(result.samples)
+    return outputs, result.manifest.version, {"seed": result.seed}
+
+
+async def _discriminate(service: InferenceService, model: str, version: int, arrays: dict[str, np.ndarray],
+                        parameters: dict[str, object], call: Call):
+    result = await service.score(_score_spec(model, version, arrays), call)
+    return {"logits": result.logits, "probabilities": result.probabilities}, result.manifest.version, {}
+
+
+async def _encode(service: InferenceService, model: str, version: int, arrays: dict[str, np.ndarray],
+                  parameters: dict[str, object], call: Call):
+    result = await service.project(_score_spec(model, version, arrays), "float32", call)
+    return ({"z": result.latents, "reconstruction": result.reconstructions, "anomaly": result.anomaly,
+             "anomaly_percentile": result.anomaly_percentile}, result.manifest.version, {})
+
+
+def _score_spec(model: str, version: int, arrays: dict[str, np.ndarray]) -> ScoreSpec:
+    _expect(arrays, {"samples", "labels"})
+    if "samples" not in arrays:
+        raise InvalidArgument("input 'samples' is required")
+    samples = arrays["samples"]
+    if samples.dtype not in (np.float32, np.uint8):
+        raise InvalidArgument("input 'samples' must be FP32 (model range) or UINT8 (pixels)")
+    return ScoreSpec(array=samples, labels=_labels(arrays), model=model, version=version)
+
+
+def response(request: oip.ModelInferRequest, result: InferResult) -> oip.ModelInferResponse:
     """The requested outputs (all when none is named), as raw little-endian bytes."""
-    wanted = [o.name for o in request.outputs] or list(outputs)
-    unknown = [name for name in wanted if name not in outputs]
-    if unknown:
-        raise InvalidArgument(f"unknown output {quoted(unknown[0])}; outputs: {', '.join(outputs)}")
-    reply = oip.ModelInferResponse(model_name=target.name, model_version=str(version), id=request.id)
-    for key, value in extra.items():
+    reply = oip.ModelInferResponse(model_name=result.target.name, model_version=str(result.version), id=request.id)
+    for key, value in result.parameters.items():
         reply.parameters[key].int64_param = value
-    for name in wanted:
-        array = np.ascontiguousarray(outputs[name])
+    for name, array in result.selected([o.name for o in request.outputs]).items():
         reply.outputs.add(name=name, datatype=DATATYPES[array.dtype], shape=list(array.shape))
-        reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        reply.raw_output_contents.append(little_endian_bytes(array))
     return reply
+
+
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """An output's raw contents as the protocol sends them: row-major, little-endian."""
+    return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
