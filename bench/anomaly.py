@@ -163,7 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     test, labels = load_mnist(args.data_dir, "test")
     real = test[FIRST_UNSEEN : FIRST_UNSEEN + args.count].reshape(-1, 28, 28)
-    config = ServeConfig(repository=args.repository, host="127.0.0.1", port=0, metrics_port=-1, poll_s=0).validate()
+    config = ServeConfig(repository=args.repository, host="127.0.0.1", port=0, http_port=-1, metrics_port=-1,
+                         poll_s=0).validate()
     server = InferenceServer(config).start()
     try:
         with InferenceClient(f"127.0.0.1:{server.port}", timeout=600) as client:

@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}")
     reference = metrics.ImageReference.load(Path(args.data_dir))
-    config = ServeConfig(repository=args.repository, host="127.0.0.1", port=0, metrics_port=-1, poll_s=0,
+    config = ServeConfig(repository=args.repository, host="127.0.0.1", port=0, http_port=-1, metrics_port=-1, poll_s=0,
                          max_count=CHUNK, max_candidates=8 * CHUNK).validate()
     server = InferenceServer(config).start()
     report: dict = {"model": args.model, "samples": args.samples, "cpu": cpu_model(), "truncation": [],

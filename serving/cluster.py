@@ -244,7 +244,7 @@ def local_cluster(replicas: int, work_dir: Path, serve_args: list[str], port: in
     envoy = None
     try:
         for _ in range(replicas):
-            started.append(start_replica([*serve_args, "--metrics-port", "0"]))
+            started.append(start_replica([*serve_args, "--metrics-port", "0", "--http-port", "0"]))
         upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in started))
         envoy, port, admin_port = start_envoy(envoy_config(upstreams, port, admin_port, host="127.0.0.1"), work_dir)
         wait_healthy(admin_port, replicas, envoy)

@@ -117,8 +117,8 @@ def start_server(repository: Path, **settings):
     from serving.server.app import InferenceServer
     from serving.server.config import ServeConfig
 
-    config = ServeConfig(**{"repository": str(repository), "host": "127.0.0.1", "port": 0, "metrics_port": 0,
-                            **settings}).validate()
+    config = ServeConfig(**{"repository": str(repository), "host": "127.0.0.1", "port": 0, "http_port": 0,
+                            "metrics_port": 0, **settings}).validate()
     return InferenceServer(config).start()
 
 

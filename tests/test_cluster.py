@@ -180,7 +180,8 @@ def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(rep
 
 def _replica_with_metrics(repository: Repository) -> tuple[tuple[subprocess.Popen, int], int]:
     """A replica on free gRPC and metrics ports, both read back from the server."""
-    process = spawn_server(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", "0"],
+    process = spawn_server(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", "0",
+                            "--http-port", "0"],
                            stderr=subprocess.PIPE)
     metrics = next(line for line in process.stderr if "Prometheus metrics on" in line)
     port = port_of(process)

@@ -69,6 +69,23 @@ def test_the_open_inference_protocol_needs_the_token_too(secure_server, certific
         assert oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request).name == "tiny"
 
 
+def test_http_is_tls_and_needs_the_token_except_health(secure_server, certificate):
+    def status(path: str, *headers: str) -> str:
+        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                               str(certificate / "cert.pem"), *headers,
+                               f"https://localhost:{secure_server.http_port}{path}"],
+                              capture_output=True, text=True, timeout=60).stdout
+
+    assert status("/v2/models/tiny") == "401"
+    assert status("/v2/models/tiny", "-H", "Authorization: Bearer wrong") == "401"
+    assert status("/v2/models/tiny", "-H", "Authorization: Bearer s3cret-token") == "200"
+    assert status("/v2/health/ready") == "200"  # probes need no token
+    plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://localhost:{secure_server.http_port}/v2/health/live"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.stdout == "000"  # no plaintext HTTP beside TLS
+
+
 def test_plaintext_client_cannot_talk_to_tls_server(secure_server):
     with InferenceClient(f"localhost:{secure_server.port}", timeout=5) as client:
         with pytest.raises(UnavailableError):

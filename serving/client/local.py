@@ -50,7 +50,8 @@ def local_server(path: Path) -> Iterator[str]:
             _stage(Path(path), Path(root))
         except RepositoryError as exc:
             raise LocalModelError(f"--local {path}: {exc}") from None
-        config = ServeConfig(repository=root, host="127.0.0.1", port=0, metrics_port=-1, poll_s=0).validate()
+        config = ServeConfig(repository=root, host="127.0.0.1", port=0, http_port=-1, metrics_port=-1,
+                             poll_s=0).validate()
         server = InferenceServer(config).start()
         try:
             yield f"127.0.0.1:{server.port}"

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Coroutine
@@ -30,6 +31,7 @@ from dcgan_core import helptext, settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
 from serving.processes import LISTENING
+from serving.server import http_api
 from serving.server.config import ServeConfig, ServeConfigError, load_serve_config
 from serving.server.decoding import DecodeErrorInterceptor
 from serving.server.errors import FailedPrecondition, ServiceError, Unavailable
@@ -65,6 +67,8 @@ class InferenceServer:
             raise
         self._stopped = threading.Event()
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None  # the HTTP front end's aiohttp runner, once started
         self.watcher = RepositoryWatcher(self.store, config.poll_s, self.update_health) if config.poll_s else None
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -102,6 +106,14 @@ class InferenceServer:
                           f"or the address is not available on this host")
         return port
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The HTTP front end's TLS: the same certificate and key as gRPC's."""
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
@@ -133,6 +145,14 @@ class InferenceServer:
 
     def start(self) -> "InferenceServer":
         self._on_loop(self.server.start())
+        if self.config.http_port >= 0:
+            try:
+                self._http, self.http_port = self._on_loop(http_api.start(
+                    self.service, self._token, self.config.host, self.config.http_port, self._tls_context()))
+            except OSError as exc:
+                self.stop(grace=0)
+                raise OSError(f"cannot serve HTTP on port {self.config.http_port}: {exc.strerror or exc}") from None
+            log.info("Open Inference Protocol REST on port %d", self.http_port)
         self.update_health()
         if self.watcher:
             self.watcher.start()
@@ -172,6 +192,8 @@ class InferenceServer:
         self._on_loop(self.health.enter_graceful_shutdown())  # probes see NOT_SERVING while we drain
         if not self.service.drain(self.config.grace_s if grace is None else grace):
             log.warning("grace period over: aborting calls still in flight")
+        if self._http is not None:
+            self._on_loop(self._http.cleanup())
         self._on_loop(self.server.stop(0))
         self._close_loop()
         self.store.close()

@@ -74,6 +74,7 @@ class ServeConfig:
     batch_workers: int = setting(0, "threads running batches per network (0: one per CPU core, 1 on CUDA)")
     ort_threads: int = setting(0, "onnxruntime intra-op threads per session (0: 1 with several workers, "
                                   "else onnxruntime's choice)")
+    http_port: int = setting(8080, "HTTP port: the Open Inference Protocol's REST API (0: a free port, -1: off)")
     metrics_port: int = setting(8000, "Prometheus metrics port (0: a free port, -1: off)")
     metrics_host: str = setting("", "metrics bind address (default: the --host address, so a local server "
                                     "keeps its metrics local)")
@@ -93,7 +94,7 @@ class ServeConfig:
                     "max_candidates", "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
-        for key, lowest in (("port", 0), ("metrics_port", -1)):
+        for key, lowest in (("port", 0), ("http_port", -1), ("metrics_port", -1)):
             if not lowest <= getattr(self, key) <= MAX_PORT:
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be between {lowest} and {MAX_PORT}")
         if self.device not in DEVICES:

@@ -1,0 +1,84 @@
+"""The HTTP front end (the Open Inference Protocol's REST binding) on a real server, driven by curl."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from serving.client.library import InferenceClient
+from tests.conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def server(encoder_repo):
+    server = start_server(encoder_repo.root, poll_s=0)
+    yield server
+    server.stop(grace=1)
+
+
+def curl(url: str, *args: str) -> tuple[int, bytes]:
+    """(HTTP status, body) of one curl call."""
+    done = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", *args, url], capture_output=True,
+                          check=True, timeout=60)
+    body, _, status = done.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+def test_health_metadata_and_seeded_generation_match_dcgan_v1(server):
+    base = f"http://127.0.0.1:{server.http_port}"
+    assert curl(f"{base}/v2/health/live") == (200, b'{"live": true}')
+    assert curl(f"{base}/v2/health/ready")[0] == 200
+    assert curl(f"{base}/v2/models/enc-encoder/ready")[0] == 200
+    assert json.loads(curl(f"{base}/v2/models/enc/versions/1")[1])["inputs"] == [
+        {"name": "z", "datatype": "FP32", "shape": [-1, 8]}]
+    status, body = curl(f"{base}/v2/models/enc/infer", "-d",
+                        '{"id": "a", "parameters": {"seed": 5, "count": 3}, "outputs": [{"name": "images"}]}')
+    answer = json.loads(body)
+    assert status == 200 and (answer["id"], answer["parameters"], answer["model_version"]) == ("a", {"seed": 5}, "1")
+    [images] = answer["outputs"]
+    with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        expected = client.sample(3, seed=5, model="enc").images
+    np.testing.assert_array_equal(np.array(images["data"], np.uint8).reshape(images["shape"]), expected)
+
+
+def test_binary_inputs_and_outputs(server, tmp_path):
+    """Triton's binary tensor extension: the JSON header's length in a header, raw bytes after it."""
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
+    header = json.dumps({"inputs": [{"name": "samples", "datatype": "UINT8", "shape": [2, 1, 28, 28],
+                                     "parameters": {"binary_data_size": pixels.nbytes}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    (tmp_path / "body").write_bytes(header + pixels.tobytes())
+    done = subprocess.run(["curl", "-s", "-D", str(tmp_path / "headers"), "--data-binary", f"@{tmp_path / 'body'}",
+                           "-H", f"Inference-Header-Content-Length: {len(header)}",
+                           f"http://127.0.0.1:{server.http_port}/v2/models/enc-discriminator/infer"],
+                          capture_output=True, check=True, timeout=60)
+    length = int(next(line.split(":")[1] for line in (tmp_path / "headers").read_text().splitlines()
+                      if line.lower().startswith("inference-header-content-length")))
+    answer = json.loads(done.stdout[:length])
+    logits = np.frombuffer(done.stdout[length:], "<f4")
+    assert answer["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [2],
+                                  "parameters": {"binary_data_size": 8}}]
+    with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        np.testing.assert_allclose(logits, client.score(pixels, model="enc").logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path, body, headers, status, message", [
+    ("/v2/models/nope/infer", "{}", [], 404, "model 'nope' not found; models: enc, enc-discriminator"),
+    ("/v2/models/enc/infer", "{not json", [], 400, "the inference request is not JSON"),
+    ("/v2/models/enc/infer", '{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 8], "data": [1, 2]}]}',
+     [], 400, "input 'z': 2 values for shape \\[1, 8\\]"),
+    ("/v2/models/enc/infer", '{"inputs": [{"name": "z", "datatype": "BF16", "shape": [1, 8]}]}', [], 400,
+     "datatype 'BF16' is not one of"),
+    ("/v2/models/enc/infer", '{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 8], '
+     '"parameters": {"binary_data_size": 32}}]}', [], 400, "binary_data_size 32 for shape \\[1, 8\\] of FP32"),
+    ("/v2/models/enc/infer", "{}", ["-H", "Inference-Header-Content-Length: 99"], 400, "not a length within"),
+    ("/v2/models/enc/versions/x/infer", "{}", [], 400, "not a positive integer"),
+    ("/v2/models/enc/infer", '{"parameters": {"count": 100000}}', [], 400, "count"),
+])
+def test_bad_requests_get_an_http_status_and_a_json_error(server, path, body, headers, status, message):
+    import re
+
+    got, answer = curl(f"http://127.0.0.1:{server.http_port}{path}", "-d", body, *headers)
+    assert got == status, answer
+    assert re.search(message, json.loads(answer)["error"]), answer
