@@ -42,7 +42,7 @@ def _states(client: InferenceClient, model: str) -> dict[int, tuple[int, str]]:
 
 
 def _start_process(repository: Path, *flags: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-    return spawn_server(["--repository", str(repository), "--metrics-port", "-1", *flags], prefix,
+    return spawn_server(["--repository", str(repository), "--metrics-port", "-1", "--http-port", "0", *flags], prefix,
                         stderr=subprocess.PIPE)
 
 
@@ -211,7 +211,8 @@ def test_a_port_already_in_use_is_refused(serving_repo, tmp_path):
     server = start_server(serving_repo, poll_s=0)
     try:
         done = subprocess.run([sys.executable, "-m", "serving.server", "--repository", str(serving_repo),
-                               "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "-1"],
+                               "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "-1",
+                               "--http-port", "0"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
         assert f"cannot listen on 127.0.0.1:{server.port}: the port is in use" in done.stderr

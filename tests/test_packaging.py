@@ -139,7 +139,8 @@ def test_the_wheel_serves_and_samples_from_fresh_venvs_outside_the_repository(tm
     work = tmp_path / "elsewhere"
     shutil.copytree(ROOT / "exported" / "mnist-dcgan" / "3", work / "models" / "mnist-dcgan" / "3")
     server = subprocess.Popen([str(serve / "dcgan-serve"), "--repository", "models", "--host", "127.0.0.1",
-                               "--port", "0", "--metrics-port", "-1"], cwd=work, stdout=subprocess.PIPE,
+                               "--port", "0", "--metrics-port", "-1", "--http-port", "0"], cwd=work,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()

@@ -22,7 +22,8 @@ ABORTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # calls the 
 
 
 def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
-    return start_server(["--repository", str(serving_repo), "--metrics-port", "0", *flags], stderr=subprocess.PIPE)
+    return start_server(["--repository", str(serving_repo), "--metrics-port", "0", "--http-port", "0", *flags],
+                        stderr=subprocess.PIPE)
 
 
 def _log_line(proc: subprocess.Popen, fragment: str) -> str:

@@ -126,7 +126,8 @@ def _free_port() -> int:
 
 def _serve(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serving.server", "--repository", str(ROOT / "exported"),
-                           "--host", "127.0.0.1", "--poll-s", "0", *flags], capture_output=True, text=True, timeout=120)
+                           "--host", "127.0.0.1", "--poll-s", "0", "--http-port", "0", *flags], capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_a_port_out_of_range_is_a_usage_error():
@@ -144,6 +145,16 @@ def test_a_metrics_port_in_use_is_named():
         port = taken.getsockname()[1]
         done = _serve("--port", "0", "--metrics-port", str(port))
     assert done.returncode == 2 and f"cannot serve metrics on 127.0.0.1 port {port}" in done.stderr
+
+
+def test_an_http_port_in_use_is_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _serve("--port", "0", "--metrics-port", "-1", "--http-port", str(port))
+    assert done.returncode == 2 and f"cannot serve HTTP on port {port}" in done.stderr, done.stderr
+    assert "http_port = 70000 must be between -1 and 65535" in _serve("--http-port", "70000").stderr
 
 
 def _parsers():
