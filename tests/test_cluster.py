@@ -154,8 +154,12 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
 
 
 def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):
-    started, metrics_ports = zip(*(_replica_with_metrics(repository) for _ in range(3)))
-    try:
+    started, metrics_ports = [], []
+    try:  # replicas started before one that fails are stopped too
+        for _ in range(3):
+            replica, metrics_port = _replica_with_metrics(repository)
+            started.append(replica)
+            metrics_ports.append(metrics_port)
         addresses = [f"127.0.0.1:{port}" for _, port in started]
         samples = []
         for address in addresses:
