@@ -21,6 +21,7 @@ VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)
 #: Decoded images larger than this many pixels are refused before decoding (decompression bombs).
 MAX_DECODE_PIXELS = 4096 * 4096
 #: Suffixes of the pictures the tools write, and their Pillow formats.
+GRID_SCALE = 4  # pictures people look at: 28-pixel cells become 112 pixels
 PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF"}
 #: File suffixes read as images (training folders, score jobs): what Pillow decodes here.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

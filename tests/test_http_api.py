@@ -82,3 +82,51 @@ def test_bad_requests_get_an_http_status_and_a_json_error(server, path, body, he
     got, answer = curl(f"http://127.0.0.1:{server.http_port}{path}", "-d", body, *headers)
     assert got == status, answer
     assert re.search(message, json.loads(answer)["error"]), answer
+
+
+def test_plain_api_models_pictures_and_scores(server, tmp_path):
+    """For people: cards as JSON, a seeded grid as PNG (the pixels of dcgan.v1's samples, enlarged),
+    a walk as GIF, uploaded PNGs scored as JSON; the OpenAPI description lists the routes."""
+    import io
+
+    from PIL import Image
+
+    from dcgan_core import images
+
+    base = f"http://127.0.0.1:{server.http_port}"
+    models = json.loads(curl(f"{base}/v1/models")[1])
+    [card] = [m for m in models["models"] if m["name"] == "enc"]
+    assert card["versions"][0]["encoder"] and card["latent_size"] == 8
+    status, png = curl(f"{base}/v1/models/enc/sample.png?count=4&seed=3&scale=2")
+    with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        samples = client.sample(4, seed=3, model="enc").images
+        scores = client.score([images.encode_png(s) for s in samples[:2]], model="enc", anomaly=True)
+    expected = images.enlarge(images.to_pil(images.make_grid(samples)), 2)
+    assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(expected))
+    status, gif = curl(f"{base}/v1/models/enc/walk.gif?from_seed=1&to_seed=2&steps=5&scale=1")
+    assert status == 200 and Image.open(io.BytesIO(gif)).n_frames == 5
+    for i, sample in enumerate(samples[:2]):
+        (tmp_path / f"{i}.png").write_bytes(images.encode_png(sample))
+    status, body = curl(f"{base}/v1/models/enc/score?anomaly=true", "-F", f"a=@{tmp_path / '0.png'}",
+                        "-F", f"b=@{tmp_path / '1.png'}")
+    answer = json.loads(body)
+    assert status == 200 and answer["version"] == 1
+    np.testing.assert_allclose(answer["probabilities"], scores.probabilities, rtol=1e-5)
+    np.testing.assert_allclose(answer["anomaly"], scores.anomaly, rtol=1e-5)
+    status, body = curl(f"{base}/v1/models/enc/score", "--data-binary", f"@{tmp_path / '0.png'}",
+                        "-H", "Content-Type: image/png")
+    np.testing.assert_allclose(json.loads(body)["probabilities"], scores.probabilities[:1], rtol=1e-5)
+    assert set(json.loads(curl(f"{base}/openapi.json")[1])["paths"]) >= {"/v1/models", "/v1/models/{model}/score"}
+
+
+@pytest.mark.parametrize("path, args, status, message", [
+    ("/v1/models/enc/sample.png?count=x", [], 400, "count='x' must be an integer"),
+    ("/v1/models/enc/sample.png?scale=99", [], 400, "scale = 99 must be between 1 and 16"),
+    ("/v1/models/nope/sample.png", [], 404, "model 'nope' not found"),
+    ("/v1/models/enc/walk.gif?from_seed=1", [], 400, "needs from_seed and to_seed"),
+    ("/v1/models/enc/score", ["-d", "not an image"], 400, "upload 0 is not an image"),
+    ("/v1/models/enc/score?anomaly=maybe", ["-d", "x"], 400, "anomaly='maybe' must be true or false"),
+])
+def test_plain_api_errors_are_json_with_a_status(server, path, args, status, message):
+    got, body = curl(f"http://127.0.0.1:{server.http_port}{path}", *args)
+    assert got == status and message in json.loads(body)["error"], body

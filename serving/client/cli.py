@@ -38,7 +38,6 @@ from serving.client.library import ClientError, Controls, InferenceClient, Inval
 
 TARGET_ENVIRONMENT = "DCGAN_TARGET"
 ARRAY_SUFFIXES = (".npy", ".csv")  # --out of raw samples: points of toy models, or images as numbers
-GRID_SCALE = 4  # pictures people look at: 28-pixel cells become 112 pixels
 
 
 def _scale(text: str) -> int:
@@ -81,7 +80,7 @@ def _sample(client: InferenceClient, args: argparse.Namespace) -> None:
         if raw:
             _save_array(batch.images, Path(args.out))
         else:
-            images.save_picture(images.make_grid(batch.images), args.out, args.scale or GRID_SCALE)
+            images.save_picture(images.make_grid(batch.images), args.out, args.scale or images.GRID_SCALE)
         print(f"wrote {args.out}: {len(batch.images)} samples of {batch.model} v{batch.version}, "
               f"seed {batch.seed}{drawn}")
         return
@@ -113,7 +112,8 @@ def _per_class_grid(client: InferenceClient, args: argparse.Namespace) -> None:
                           controls=Controls(truncation=args.truncation))
     grid = images.make_grid(batch.images, args.per_class)
     names = list(info.class_names) or [str(c) for c in range(info.num_classes)]
-    images.save_picture(images.caption_rows(grid, names, batch.images.shape[2]), args.out, args.scale or GRID_SCALE)
+    captioned = images.caption_rows(grid, names, batch.images.shape[2])
+    images.save_picture(captioned, args.out, args.scale or images.GRID_SCALE)
     print(f"wrote {args.out}: {args.per_class} samples per class of {batch.model} v{batch.version}, seed {batch.seed}")
 
 
@@ -127,7 +127,7 @@ def _walk(client: InferenceClient, args: argparse.Namespace) -> None:
     walk = client.walk(start, (args.to_seed, args.to_index), args.steps,
                        interpolation=args.interpolation, model=args.model, version=args.version,
                        encoding="uint8", truncation=args.truncation, labels=(args.label, args.label))
-    scale = args.scale or GRID_SCALE
+    scale = args.scale or images.GRID_SCALE
     if Path(args.out).suffix.lower() == ".gif":
         atomic_write_bytes(Path(args.out), images.encode_gif(walk.images, args.frame_ms, scale))
     else:
@@ -172,7 +172,7 @@ def _project(client: InferenceClient, args: argparse.Namespace) -> None:
     if args.out:
         originals = np.stack([images.decode_image(b, projection.reconstructions.shape[1]) for b in blobs])
         pairs = np.concatenate([originals, projection.reconstructions])
-        images.save_picture(images.make_grid(pairs, len(blobs)), args.out, args.scale or GRID_SCALE)
+        images.save_picture(images.make_grid(pairs, len(blobs)), args.out, args.scale or images.GRID_SCALE)
         print(f"wrote {args.out}: the images (top) and their reconstructions (bottom)")
 
 
@@ -283,7 +283,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                                                    "(default: drawn from the seed / the most likely class)")
     for sub in (sample, walk, project):
         sub.add_argument("--scale", type=_scale, help=f"enlarge pictures N times, nearest neighbour (default: "
-                                                   f"{GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
+                                                   f"{images.GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
     for sub in (sample, sample_job, walk):
         sub.add_argument("--truncation", type=float, help="redraw latent entries with |z| above this (>= 0.1)")
     for sub in (sample, sample_job):

@@ -1,5 +1,6 @@
 """The HTTP front end: the Open Inference Protocol's REST binding (KServe V2, with Triton's binary
-tensor extension), on aiohttp, on the gRPC server's own asyncio event loop.
+tensor extension) and the plain API for people (serving.server.plain_http), on aiohttp, on the
+gRPC server's own asyncio event loop.
 
 Why aiohttp: it is asyncio-native, so the HTTP handlers await the same InferenceService
 coroutines on the same loop as grpc.aio (no second loop, no thread hop, no ASGI layer), and it is
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from serving.server import oip
 from serving.server.errors import InvalidArgument, ServiceError, bounded
+from serving.server.plain_http import PlainRoutes
 from serving.server.service import Call, InferenceService
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension: JSON first, then raw tensors
@@ -51,7 +53,7 @@ class HttpFront:
         routes += [web.get(path, self._metadata) for path in _versioned("")]
         routes += [web.get(path, self._model_ready) for path in _versioned("/ready")]
         routes += [web.post(path, self._infer) for path in _versioned("/infer")]
-        app.add_routes(routes)
+        app.add_routes(routes + PlainRoutes(self.service, self._counted).routes())
         return app
 
     @web.middleware
