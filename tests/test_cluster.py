@@ -15,6 +15,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import yaml
@@ -151,6 +152,23 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
     assert replicas[2][0].poll() is None  # the survivor served the end of the job
     for client in direct:
         client.close()
+
+
+def test_the_open_inference_protocol_goes_through_envoy_too(cluster):
+    """Envoy routes every gRPC service on the port: OIP calls reach the replicas like dcgan.v1's."""
+    from dcgan.oip import grpc_predict_v2_pb2 as oip
+    from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    envoy_port, _, _ = cluster
+    request = oip.ModelInferRequest(model_name="tiny", outputs=[{"name": "images"}])
+    request.parameters["seed"].int64_param, request.parameters["count"].int64_param = 4, 3
+    with grpc.insecure_channel(f"127.0.0.1:{envoy_port}") as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(oip.ModelReadyRequest(name="tiny")).ready
+        reply = stub.ModelInfer(request)
+    with InferenceClient(f"127.0.0.1:{envoy_port}", timeout=30) as client:
+        expected = client.sample(3, seed=4, model="tiny").images
+    assert reply.raw_output_contents[0] == expected.tobytes()
 
 
 def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):

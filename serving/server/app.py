@@ -152,7 +152,7 @@ class InferenceServer:
             except OSError as exc:
                 self.stop(grace=0)
                 raise OSError(f"cannot serve HTTP on port {self.config.http_port}: {exc.strerror or exc}") from None
-            log.info("Open Inference Protocol REST on port %d", self.http_port)
+            log.info("HTTP (Open Inference Protocol REST, /v1 for people, /openapi.json) on port %d", self.http_port)
         self.update_health()
         if self.watcher:
             self.watcher.start()
