@@ -75,6 +75,8 @@ def test_binary_inputs_and_outputs(server, tmp_path):
     ("/v2/models/enc/infer", "{}", ["-H", "Inference-Header-Content-Length: 99"], 400, "not a length within"),
     ("/v2/models/enc/versions/x/infer", "{}", [], 400, "not a positive integer"),
     ("/v2/models/enc/infer", '{"parameters": {"count": 100000}}', [], 400, "count"),
+    ("/v2/models/enc/infer", '{"parameters": [1]}', [], 400, "parameters must be a JSON object"),
+    ("/v2/models/enc/infer", '{"outputs": {"name": "x"}}', [], 400, "outputs must be a JSON list"),
 ])
 def test_bad_requests_get_an_http_status_and_a_json_error(server, path, body, headers, status, message):
     import re

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 from aiohttp import web
 
-from serving.server import oip
-from serving.server.errors import InvalidArgument, ServiceError, bounded
+from serving.server import codec, oip
+from serving.server.errors import InvalidArgument, bounded
 from serving.server.plain_http import PlainRoutes
 from serving.server.service import Call, InferenceService
 
@@ -71,9 +71,9 @@ class HttpFront:
         start, code = time.perf_counter(), "OK"
         try:
             return await work()
-        except ServiceError as exc:
-            code = exc.code
-            return error_response(code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - every error gets a status, the unexpected ones 500 (logged)
+            code, message = codec.status(exc, f"http.{operation}")
+            return error_response(code, message)
         finally:
             self.service.record_call(f"http.{operation}", model, code, time.perf_counter() - start)
 
@@ -139,6 +139,9 @@ def decode_infer_request(raw: bytes, header_length: str | None) -> tuple[dict, d
         raise InvalidArgument(f"the inference request is not JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs", []), list):
         raise InvalidArgument("the inference request must be a JSON object with a list of inputs")
+    for key, (kind, word) in {"parameters": (dict, "object"), "outputs": (list, "list")}.items():
+        if key in header and not isinstance(header[key], kind):
+            raise InvalidArgument(f"the inference request's {key} must be a JSON {word}")
     arrays, offset = {}, length
     for tensor in header.get("inputs", []):
         name, array, offset = _input(tensor, raw, offset)
