@@ -104,7 +104,7 @@ class HttpFront:
 
     async def _index(self, request: web.Request) -> web.Response:
         async def work() -> web.Response:
-            body = await _json_body(await request.read()) if request.can_read_body else {}
+            body = _json_body(await request.read()) if request.can_read_body else {}
             return web.json_response(oip.repository_index(self.service, bool(body.get("ready", False))))
         return await self._counted("RepositoryIndex", "", work)
 
@@ -119,7 +119,7 @@ class HttpFront:
         return await self._counted("ModelInfer", name, work)
 
 
-async def _json_body(raw: bytes) -> dict:
+def _json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -57,15 +57,18 @@ class Target:
 
 
 def resolve(service: InferenceService, name: str) -> Target:
-    """NOT_FOUND unless ``name`` is a model, or a model's discriminator or (with one) encoder."""
-    cards = {card.name: card for card in service.models()[0]}
-    model, role = name, "generator"
-    for suffix, network in ROLES.items():
-        if name.endswith(suffix) and name[: -len(suffix)] in cards:
-            model, role = name[: -len(suffix)], network
-    if model not in cards or (role == "encoder" and not any(v.encoder for v in cards[model].versions)):
-        raise NotFound(f"model {quoted(name)} not found; models: {', '.join(names(cards.values()))}")
-    return Target(name, model, role, cards[model])
+    """NOT_FOUND unless ``name`` is a model, or a model's discriminator or (with one) encoder.
+    Looks up only the candidate models (this runs on every call); all of them only to say which
+    names exist."""
+    candidates = [(name[: -len(suffix)], network) for suffix, network in ROLES.items() if name.endswith(suffix)]
+    for model, role in [*candidates, (name, "generator")]:
+        try:
+            card = service.model(model) if model else None
+        except NotFound:
+            continue
+        if card is not None and (role != "encoder" or any(v.encoder for v in card.versions)):
+            return Target(name, model, role, card)
+    raise NotFound(f"model {quoted(name)} not found; models: {', '.join(names(service.models()[0]))}")
 
 
 def names(cards) -> list[str]:

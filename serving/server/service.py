@@ -122,6 +122,12 @@ def _percentiles(manifest: Manifest, scores: np.ndarray) -> np.ndarray:
     return np.interp(scores, quantiles, np.linspace(0.0, 1.0, len(quantiles))).astype(np.float32)
 
 
+def _under_every_class(inputs: np.ndarray, classes: int) -> Inputs:
+    """The batch repeated once per class, with the labels 0, 0, ..., 1, 1, ...: row c * N + i is
+    input i under class c."""
+    return np.concatenate([inputs] * classes), np.repeat(np.arange(classes, dtype=np.int64), len(inputs))
+
+
 def _with(inputs: np.ndarray, labels: np.ndarray | None) -> Inputs:
     """A network's batcher input: the array alone, or with the labels of a conditional model."""
     return inputs if labels is None else (inputs, labels)
@@ -279,11 +285,11 @@ class InferenceService:
             labels = plans.labels_for(manifest, len(inputs), requested_labels)
             return await self._run(loaded.encoder, _with(inputs, labels), call), labels
         count, classes = len(inputs), manifest.num_classes
-        every = (np.concatenate([inputs] * classes), np.repeat(np.arange(classes, dtype=np.int64), count))
-        outputs = await self._run(loaded.encoder, every, call)
+        outputs = await self._run(loaded.encoder, _under_every_class(inputs, classes), call)
         labels = outputs[2].reshape(classes, count).argmin(axis=0)
         rows = labels * count + np.arange(count)
         return tuple(output[rows] for output in outputs), labels
+
     async def _inputs(self, loaded: LoadedVersion, spec: ScoreSpec) -> np.ndarray:
         """A Score or Project request's images as the model's float32 batch (PNG/JPEG decoding
         takes milliseconds per image: off the event loop)."""
@@ -469,7 +475,7 @@ class InferenceService:
         manifest = loaded.manifest
         if manifest.num_classes and not requested_labels:
             classes = manifest.num_classes
-            every = (np.concatenate([inputs] * classes), np.repeat(np.arange(classes, dtype=np.int64), len(inputs)))
+            every = _under_every_class(inputs, classes)
             table = (await self._run(loaded.discriminator, every, call)).reshape(classes, len(inputs))
             labels, logits = table.argmax(axis=0), table.max(axis=0)
         else:
