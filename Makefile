@@ -40,14 +40,16 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# It prints every port it listens on: gRPC (dcgan.v1, OIP), HTTP (OIP REST, /v1), metrics.
 PORT ?= 50051
+HTTP_PORT ?= 8080
 serve: setup
-	$(VENV)/bin/dcgan-serve --repository exported --port $(PORT)
+	$(VENV)/bin/dcgan-serve --repository exported --port $(PORT) --http-port $(HTTP_PORT)
 
-# REPLICAS dcgan-serve processes on free ports behind Envoy on port 50051 (no containers).
+# REPLICAS dcgan-serve processes on free ports behind Envoy on ports 50051 and 8080 (no containers).
 REPLICAS ?= 2
 serve-cluster: setup
-	$(VENV)/bin/dcgan-cluster --replicas $(REPLICAS) --port $(PORT) -- --repository exported
+	$(VENV)/bin/dcgan-cluster --replicas $(REPLICAS) --port $(PORT) --http-port $(HTTP_PORT) -- --repository exported
 
 train-mnist: setup
 	$(VENV)/bin/dcgan-train --preset mnist --data-dir $(MNIST)

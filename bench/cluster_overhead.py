@@ -65,15 +65,15 @@ def main() -> None:
     envoys = []
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            targets = {"direct": f"127.0.0.1:{replicas[0][1]}"}
+            targets = {"direct": f"127.0.0.1:{replicas[0][1].grpc}"}
             for n in (1, 2):
                 upstreams = Upstreams(addresses=tuple(("127.0.0.1", p) for _, p in replicas[:n]))
                 work_dir = Path(scratch) / f"envoy{n}"
                 work_dir.mkdir()
-                envoy, port, admin = start_envoy(envoy_config(upstreams, 0, 0, host="127.0.0.1"), work_dir)
+                envoy, ports, admin = start_envoy(envoy_config(upstreams, 0, 0, host="127.0.0.1"), work_dir)
                 envoys.append(envoy)
                 wait_healthy(admin, n, envoy)
-                targets[f"envoy_{n}_replica{'s' if n > 1 else ''}"] = f"127.0.0.1:{port}"
+                targets[f"envoy_{n}_replica{'s' if n > 1 else ''}"] = f"127.0.0.1:{ports.grpc}"
             runs = {name: (lambda t=target: load(t, args.model, args.count, args.clients, args.seconds))
                     for name, target in targets.items()}
             results = interleaved(runs, args.repeats)

@@ -35,8 +35,9 @@ SMALL_EVERY_S = 0.005
 
 
 def start_server(repository: str) -> tuple[subprocess.Popen, int]:
-    return processes.start_server(["--repository", repository, "--metrics-port", "-1", "--poll-s", "0"],
-                                  stderr=subprocess.DEVNULL)
+    process, ports = processes.start_server(["--repository", repository, "--metrics-port", "-1", "--poll-s", "0"],
+                                            stderr=subprocess.DEVNULL)
+    return process, ports.grpc
 
 
 def small_latencies_during(small_stub, big_stub, background: pb.SampleRequest | None, model: str) -> list[float]:

@@ -107,9 +107,9 @@ def costed(measure: Callable[[], Measurement], server: subprocess.Popen,
 
 
 def start_server(repository: str, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc, port = processes.start_server(["--repository", repository, "--metrics-port", "0", "--device", device,
+    proc, ports = processes.start_server(["--repository", repository, "--metrics-port", "0", "--device", device,
                                          *extra], stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
-    return proc, f"127.0.0.1:{port}"
+    return proc, f"127.0.0.1:{ports.grpc}"
 
 
 def start(command: list[str]) -> tuple[subprocess.Popen, str]:

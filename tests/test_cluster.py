@@ -8,6 +8,7 @@ does not retry (patience 0), so every call it saw succeed was Envoy's doing.
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from serving.cluster import (
     local_cluster,
     upstream_health,
 )
-from serving.processes import port_of, spawn_server
+from serving.processes import Ports, ports_of, spawn_server
 from tests.conftest import ROOT, wait_for
 from tests.repo_faults import add_version
 
@@ -51,8 +52,8 @@ def test_the_committed_envoy_config_is_the_rendered_one_and_envoy_accepts_both(t
     committed = ROOT / "deploy" / "envoy.yaml"
     assert committed.read_text() == compose_config()
     static = tmp_path / "static.yaml"
-    static.write_text(yaml.safe_dump(envoy_config(Upstreams(addresses=(("127.0.0.1", 1), ("127.0.0.1", 2))),
-                                                  port=0, admin_port=0)))
+    upstreams = Upstreams(addresses=(("127.0.0.1", Ports(1, 3)), ("127.0.0.1", Ports(2, 4))))
+    static.write_text(yaml.safe_dump(envoy_config(upstreams, port=0, admin_port=0, http_port=0)))
     for config in (committed, static):
         checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True,
                                  text=True, timeout=60)
@@ -73,7 +74,7 @@ def cluster(repository, tmp_path):
     serve = ["--repository", str(repository.root), "--poll-s", "0.1", "--grace-s", "5"]
     with local_cluster(3, tmp_path, serve) as started:  # Envoy on ports it picks: no port race
         assert healthy_upstreams(started.admin_port) == 3
-        yield started.port, started.admin_port, started.replicas
+        yield started
 
 
 def _inputs(folder: Path, count: int) -> list[str]:
@@ -119,9 +120,9 @@ class Paced:
 
 
 def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(cluster, repository, tmp_path):
-    envoy_port, admin_port, replicas = cluster
+    envoy_port, admin_port, replicas = cluster.port, cluster.admin_port, cluster.replicas
     inputs = _inputs(tmp_path / "images", 2000)
-    direct = [InferenceClient(f"127.0.0.1:{port}") for _, port in replicas]
+    direct = [InferenceClient(f"127.0.0.1:{ports.grpc}") for _, ports in replicas]
 
     def publish() -> None:
         add_version(repository, "tiny")
@@ -130,12 +131,12 @@ def test_a_score_job_through_envoy_survives_a_new_version_a_drain_and_a_kill(clu
     def drain() -> None:  # SIGTERM: health NOT_SERVING, new calls refused (Envoy retries them), exit 0
         replicas[0][0].send_signal(signal.SIGTERM)
         assert replicas[0][0].wait(timeout=30) == 0
-        assert wait_for(lambda: _out_of_rotation(admin_port, replicas[0][1]))
+        assert wait_for(lambda: _out_of_rotation(admin_port, replicas[0][1].grpc))
 
     def kill() -> None:
         replicas[1][0].send_signal(signal.SIGKILL)
         replicas[1][0].wait(timeout=30)
-        assert wait_for(lambda: _out_of_rotation(admin_port, replicas[1][1]))
+        assert wait_for(lambda: _out_of_rotation(admin_port, replicas[1][1].grpc))
 
     output = tmp_path / "scores.csv"
     with InferenceClient(f"127.0.0.1:{envoy_port}", timeout=30) as client:
@@ -159,7 +160,7 @@ def test_the_open_inference_protocol_goes_through_envoy_too(cluster):
     from dcgan.oip import grpc_predict_v2_pb2 as oip
     from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 
-    envoy_port, _, _ = cluster
+    envoy_port = cluster.port
     request = oip.ModelInferRequest(model_name="tiny", outputs=[{"name": "images"}])
     request.parameters["seed"].int64_param, request.parameters["count"].int64_param = 4, 3
     with grpc.insecure_channel(f"127.0.0.1:{envoy_port}") as channel:
@@ -169,6 +170,30 @@ def test_the_open_inference_protocol_goes_through_envoy_too(cluster):
     with InferenceClient(f"127.0.0.1:{envoy_port}", timeout=30) as client:
         expected = client.sample(3, seed=4, model="tiny").images
     assert reply.raw_output_contents[0] == expected.tobytes()
+
+
+def test_http_goes_through_envoy_to_the_replicas_and_a_stopped_one_leaves_its_rotation(cluster):
+    """Envoy's HTTP listener: OIP REST and the plain API reach the replicas (same bytes as gRPC);
+    a replica that stops fails its HTTP health check and the others answer every call."""
+    started = cluster
+    body = json.dumps({"parameters": {"seed": 4, "count": 3},
+                       "outputs": [{"name": "images", "parameters": {"binary_data": True}}]}).encode()
+    url = f"http://127.0.0.1:{started.ports.http}"
+    request = urllib.request.Request(f"{url}/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        header_length = int(answer.headers["Inference-Header-Content-Length"])
+        pixels = answer.read()[header_length:]
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as answer:
+        assert [m["name"] for m in json.loads(answer.read())["models"]] == ["tiny"]
+    with InferenceClient(f"127.0.0.1:{started.port}", timeout=30) as client:
+        assert pixels == client.sample(3, seed=4, model="tiny").images.tobytes()
+    process, ports = started.replicas[0]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert wait_for(lambda: upstream_health(started.admin_port, "dcgan-http").get(ports.http) != "healthy")
+    for _ in range(6):  # round robin over the other two: every call answered
+        with urllib.request.urlopen(f"{url}/v2/models/tiny/ready", timeout=30) as answer:
+            assert answer.status == 200
 
 
 def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(repository, tmp_path):
@@ -202,21 +227,18 @@ def test_every_replica_gives_the_same_bytes_and_round_robin_reaches_them_all(rep
 
 def _replica_with_metrics(repository: Repository) -> tuple[tuple[subprocess.Popen, int], int]:
     """A replica on free gRPC and metrics ports, both read back from the server."""
-    process = spawn_server(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", "0",
-                            "--http-port", "0"],
-                           stderr=subprocess.PIPE)
-    metrics = next(line for line in process.stderr if "Prometheus metrics on" in line)
-    port = port_of(process)
-    for pipe in (process.stdout, process.stderr):  # keep both drained
-        threading.Thread(target=pipe.read, daemon=True).start()
-    return (process, port), int(metrics.rsplit(" ", 1)[1])
+    process = spawn_server(["--repository", str(repository.root), "--poll-s", "0", "--metrics-port", "0"],
+                           stderr=subprocess.DEVNULL)
+    ports = ports_of(process)
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep it drained
+    return (process, ports.grpc), ports.metrics
 
 
 def _cluster_process(repository: Repository, work_dir: Path) -> tuple[subprocess.Popen, int]:
     """``dcgan-cluster --replicas 1`` as an operator starts it (on ports Envoy picks); returns once
     Envoy routes to it, with Envoy's port."""
     proc = subprocess.Popen([sys.executable, "-m", "serving.cluster", "--replicas", "1", "--port", "0",
-                             "--admin-port", "0", "--work-dir", str(work_dir), "--",
+                             "--http-port", "0", "--admin-port", "0", "--work-dir", str(work_dir), "--",
                              "--repository", str(repository.root), "--poll-s", "0"],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()

@@ -61,16 +61,31 @@ def test_server_command_is_accepted_by_the_server_cli():
     build_parser().parse_args(yaml.safe_load(cmd_default))
 
 
+def _envoy_routes() -> dict[int, int]:
+    """deploy/envoy.yaml: each listener's port -> the replica port its cluster sends to."""
+    envoy = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())["static_resources"]
+    upstreams = {}
+    for cluster in envoy["clusters"]:
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert endpoint["socket_address"]["address"] == "server"
+        upstreams[cluster["name"]] = endpoint["socket_address"]["port_value"]
+    routes = {}
+    for listener in envoy["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        cluster = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"]
+        routes[listener["address"]["socket_address"]["port_value"]] = upstreams[cluster]
+    return routes
+
+
 def test_ports_agree_between_server_envoy_healthcheck_and_prometheus():
     server = SERVICES["server"]
     command = server["command"]
     grpc_port, metrics_port = _flag(command, "--port"), _flag(command, "--metrics-port")
-    assert "ports" not in server and {grpc_port, metrics_port} <= set(server["expose"])  # replicas share no host port
-    envoy = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())["static_resources"]
-    assert envoy["listeners"][0]["address"]["socket_address"]["port_value"] == int(grpc_port)
-    assert f"{grpc_port}:{grpc_port}" in SERVICES["envoy"]["ports"]
-    upstream = envoy["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert upstream["address"]["socket_address"] == {"address": "server", "port_value": int(grpc_port)}
+    http_port = _flag(command, "--http-port")
+    assert "ports" not in server  # replicas share no host port
+    assert {grpc_port, http_port, metrics_port} <= set(server["expose"])
+    assert _envoy_routes() == {int(grpc_port): int(grpc_port), int(http_port): int(http_port)}
+    assert {f"{grpc_port}:{grpc_port}", f"{http_port}:{http_port}"} <= set(SERVICES["envoy"]["ports"])
     assert "./deploy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in SERVICES["envoy"]["volumes"]
     probe = server["healthcheck"]["test"]
     assert probe[:4] == ["CMD", "python", "-m", "serving.client.healthcheck"]
@@ -147,7 +162,13 @@ def test_kubernetes_manifests_agree_with_the_server_and_envoy():
     assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
     assert container["livenessProbe"]["grpc"]["port"] == args.port
     headless = by_name[("Service", "server")]["spec"]
-    assert headless["clusterIP"] == "None" and headless["ports"][0]["port"] == args.port  # Envoy's DNS name
+    assert headless["clusterIP"] == "None"  # Envoy's DNS name, one record per pod
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container_ports == {"grpc": args.port, "http": args.http_port, "metrics": args.metrics_port}
+    assert {p["name"]: p["port"] for p in headless["ports"]} == container_ports
+    assert set(_envoy_routes().values()) == {args.port, args.http_port}
+    front = by_name[("Service", "dcgan")]["spec"]["ports"]
+    assert {p["port"] for p in front} == set(_envoy_routes())  # what clients call is what Envoy listens on
     hpa = by_name[("HorizontalPodAutoscaler", "dcgan-server")]["spec"]
     from serving.server.metrics import ServingMetrics
 

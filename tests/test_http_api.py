@@ -132,3 +132,48 @@ def test_plain_api_models_pictures_and_scores(server, tmp_path):
 def test_plain_api_errors_are_json_with_a_status(server, path, args, status, message):
     got, body = curl(f"http://127.0.0.1:{server.http_port}{path}", *args)
     assert got == status and message in json.loads(body)["error"], body
+
+
+def test_timeouts_over_http_and_the_oip_timeout_parameter_end_calls_at_their_deadline(serving_repo):
+    """A 2 s batching window holds each request past its deadline: Request-Timeout-Ms (any HTTP
+    route) and OIP's ``timeout`` parameter (microseconds, any transport) give 504 / DEADLINE_EXCEEDED;
+    a bad header is a 400."""
+    import grpc
+    from dcgan.oip import grpc_predict_v2_pb2 as oip
+    from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    server = start_server(serving_repo, poll_s=0, max_queue_delay_ms=2000, max_batch_size=1024)
+    base, infer = f"http://127.0.0.1:{server.http_port}", '{"parameters": {"seed": 1}}'
+    try:
+        status, body = curl(f"{base}/v2/models/tiny/infer", "-H", "Request-Timeout-Ms: 200", "-d", infer)
+        assert status == 504 and "deadline" in json.loads(body)["error"]
+        assert curl(f"{base}/v1/models/tiny/sample.png?count=2", "-H", "Request-Timeout-Ms: 200")[0] == 504
+        assert curl(f"{base}/v2/models/tiny/infer", "-d", '{"parameters": {"seed": 1, "timeout": 200000}}')[0] == 504
+        status, body = curl(f"{base}/v1/models/tiny/sample.png", "-H", "Request-Timeout-Ms: soon")
+        assert status == 400 and "Request-Timeout-Ms" in json.loads(body)["error"]
+        request = oip.ModelInferRequest(model_name="tiny")
+        request.parameters["timeout"].int64_param = 200000
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        server.stop(grace=5)
+
+
+def test_a_draining_server_is_not_ready_over_http_or_grpc(serving_repo):
+    """A load balancer's HTTP health check must take a replica out as soon as it starts to drain."""
+    import grpc
+    from dcgan.oip import grpc_predict_v2_pb2 as oip
+    from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    server = start_server(serving_repo, poll_s=0)
+    base = f"http://127.0.0.1:{server.http_port}"
+    try:
+        assert curl(f"{base}/v2/health/ready")[0] == 200
+        assert server.service.drain(timeout=5)
+        assert curl(f"{base}/v2/health/ready")[0] == 400
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            assert not oip_grpc.GRPCInferenceServiceStub(channel).ServerReady(oip.ServerReadyRequest()).ready
+    finally:
+        server.stop(grace=1)

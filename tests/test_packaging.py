@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serving.processes import LISTENING
+from serving.processes import Ports
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -143,9 +143,9 @@ def test_the_wheel_serves_and_samples_from_fresh_venvs_outside_the_repository(tm
                               stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stdout.readline()
-        assert line.startswith(LISTENING), server.stderr.read()
-        port = int(line[len(LISTENING):])
+        ports = Ports.parse(line := server.stdout.readline())
+        assert ports is not None, line + server.stderr.read()
+        port = ports.grpc
         done = subprocess.run([str(client / "dcgan-client"), "--target", f"127.0.0.1:{port}", "sample",
                                "--count", "16", "--seed", "3", "--out", "grid.png"], cwd=work,
                               capture_output=True, text=True)

@@ -22,8 +22,9 @@ ABORTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)  # calls the 
 
 
 def _start(serving_repo, *flags) -> tuple[subprocess.Popen, int]:
-    return start_server(["--repository", str(serving_repo), "--metrics-port", "0", "--http-port", "0", *flags],
-                        stderr=subprocess.PIPE)
+    process, ports = start_server(["--repository", str(serving_repo), "--metrics-port", "0", *flags],
+                                  stderr=subprocess.PIPE)
+    return process, ports.grpc
 
 
 def _log_line(proc: subprocess.Popen, fragment: str) -> str:

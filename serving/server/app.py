@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from dcgan_core import helptext, settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
-from serving.processes import LISTENING
+from serving.processes import Ports
 from serving.server import http_api
 from serving.server.config import ServeConfig, ServeConfigError, load_serve_config
 from serving.server.decoding import DecodeErrorInterceptor
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:
         print(f"dcgan-serve: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{LISTENING}{server.port}", flush=True)
+    print(Ports(server.port, server.http_port, server.metrics_port).line(), flush=True)
     signals.serve(server)
     server.stop()
     return 0

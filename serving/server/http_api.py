@@ -20,8 +20,8 @@ from aiohttp import web
 
 from serving.server import codec, oip
 from serving.server.errors import InvalidArgument, bounded
-from serving.server.plain_http import PlainRoutes
-from serving.server.service import Call, InferenceService
+from serving.server.plain_http import PlainRoutes, call_of
+from serving.server.service import InferenceService
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension: JSON first, then raw tensors
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
@@ -113,8 +113,8 @@ class HttpFront:
 
         async def work() -> web.Response:
             header, arrays = decode_infer_request(await request.read(), request.headers.get(HEADER_LENGTH))
-            call = Call(None, lambda: request.transport is not None and not request.transport.is_closing())
-            result = await oip.infer(self.service, name, version, arrays, header.get("parameters", {}), call)
+            result = await oip.infer(self.service, name, version, arrays, header.get("parameters", {}),
+                                     call_of(request))
             return encode_infer_response(header, result)
         return await self._counted("ModelInfer", name, work)
 

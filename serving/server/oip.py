@@ -5,7 +5,8 @@ Each repository model appears as up to three OIP models (OIP versions are reposi
 
 - ``<name>``: the generator. Inputs ``z`` FP32 [-1, latent] and, for conditional models,
   ``labels`` INT64 [-1]; or no inputs and the request parameters ``seed``, ``count`` and
-  ``truncation`` (the same latents as dcgan.v1 Sample with that seed). Outputs ``samples`` FP32 in
+  ``truncation`` (the same latents as dcgan.v1 Sample with that seed); ``timeout`` (microseconds)
+  on any model. Outputs ``samples`` FP32 in
   [-1, 1] and, for image models, ``images`` UINT8.
 - ``<name>-discriminator``: inputs ``samples`` (FP32 in [-1, 1], or UINT8 pixels) [and labels];
   outputs ``logits`` and ``probabilities`` FP32 [-1].
@@ -166,9 +167,10 @@ def _labels(arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
 
 
 def server_ready(service: InferenceService) -> bool:
-    """Every model has a ready version."""
+    """Every model has a ready version, and the server is not draining (so that a load balancer's
+    HTTP health check takes a replica out of rotation when it starts to shut down)."""
     cards, _ = service.models()
-    return bool(cards) and all(card.latest_version for card in cards)
+    return bool(cards) and all(card.latest_version for card in cards) and not service.shutting_down
 
 
 def server_metadata() -> dict:
@@ -263,8 +265,15 @@ class InferResult:
 
 async def infer(service: InferenceService, name: str, version_text: str, arrays: dict[str, np.ndarray],
                 parameters: dict[str, object], call: Call) -> InferResult:
-    """One OIP inference, any transport: the target network's service call."""
+    """One OIP inference, any transport: the target network's service call. The request parameter
+    ``timeout`` (microseconds, as Triton and tritonclient's ``timeout=`` have it) shortens the
+    call's deadline."""
     target, version = resolve(service, name), version_of(version_text)
+    timeout_us = parameter(parameters, "timeout", int)
+    if timeout_us is not None:
+        if timeout_us <= 0:
+            raise InvalidArgument(f"parameter timeout = {timeout_us} must be a positive number of microseconds")
+        call = call.within(timeout_us / 1e6)
     run = {"generator": _generate, "discriminator": _discriminate, "encoder": _encode}[target.role]
     outputs, used, extra = await run(service, target.model, version, arrays, parameters, call)
     return InferResult(target, used, outputs, extra)

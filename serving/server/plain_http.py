@@ -19,6 +19,7 @@ from serving.server.plans import Endpoint, SampleSpec, WalkSpec
 from serving.server.service import Call, InferenceService, ModelCard
 
 MAX_SCALE = 16
+TIMEOUT_HEADER = "Request-Timeout-Ms"
 Counted = Callable[[str, str, Callable[[], Awaitable[web.Response]]], Awaitable[web.Response]]
 
 
@@ -36,6 +37,18 @@ def query(request: web.Request, name: str, kind: type, default=None):
     except ValueError:
         expected = "an integer" if kind is int else "a number"
         raise InvalidArgument(f"query parameter {name}={quoted(text)} must be {expected}") from None
+
+
+def call_of(request: web.Request) -> Call:
+    """The service's view of an HTTP request: due within ``Request-Timeout-Ms`` when sent (HTTP has
+    no deadline of its own; gRPC's is grpc-timeout), active while its connection is open."""
+    text = request.headers.get(TIMEOUT_HEADER)
+    call = Call(None, lambda: request.transport is not None and not request.transport.is_closing())
+    if text is None:
+        return call
+    if not text.isdigit() or int(text) == 0:
+        raise InvalidArgument(f"header {TIMEOUT_HEADER}: {quoted(text)} is not a positive number of milliseconds")
+    return call.within(int(text) / 1000)
 
 
 def _scale(request: web.Request) -> int:
@@ -81,7 +94,7 @@ class PlainRoutes:
                               () if label is None else (label,), query(request, "truncation", float), model=model,
                               version=query(request, "version", int, 0), encoding="float32")
             scale = _scale(request)
-            result = await self.service.sample(spec, Call())
+            result = await self.service.sample(spec, call_of(request))
             grid = images.make_grid(images.model_to_uint8(result.samples))
             return picture(grid, scale, {"X-Seed": str(result.seed), "X-Model-Version": str(result.manifest.version)})
         return await self.counted("SamplePng", model, work)
@@ -98,7 +111,7 @@ class PlainRoutes:
             scale, frame_ms = _scale(request), query(request, "frame_ms", int, 80)
             if not 20 <= frame_ms <= 10000:
                 raise InvalidArgument(f"frame_ms = {frame_ms} must be between 20 and 10000")
-            frames = await self.service.walk(spec, Call())
+            frames = await self.service.walk(spec, call_of(request))
             gif = images.encode_gif(images.model_to_uint8(frames.samples), frame_ms, scale)
             return web.Response(body=gif, content_type="image/gif")
         return await self.counted("WalkGif", model, work)
@@ -110,7 +123,7 @@ class PlainRoutes:
             label, version = query(request, "label", int), query(request, "version", int, 0)
             anomaly = query(request, "anomaly", bool, False)
             spec = ScoreSpec(await _uploaded(request), None, () if label is None else (label,), model, version, anomaly)
-            result = await self.service.score(spec, Call())
+            result = await self.service.score(spec, call_of(request))
             answer = {"model": model, "version": result.manifest.version,
                       "probabilities": result.probabilities.tolist(), "logits": result.logits.tolist()}
             for name in ("labels", "anomaly", "anomaly_percentile"):
@@ -148,6 +161,8 @@ def _parameters(*names: str) -> list[dict]:
 
 
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_TIMEOUT = {"name": TIMEOUT_HEADER, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 1},
+            "description": "answer 504 if the call is not done within this many milliseconds"}
 _ERROR = {"description": "a bad request or an unknown model: {\"error\": message}",
           "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
 OPENAPI = {
@@ -157,22 +172,23 @@ OPENAPI = {
         "/v1/models": {"get": {"summary": "every model with its versions",
                                "responses": {"200": {"description": "JSON"}}}},
         "/v1/models/{model}/sample.png": {"get": {
-            "summary": "a grid of samples", "parameters": [_MODEL, *_parameters("count", "seed", "label", "truncation",
-                                                                                   "scale", "version")],
+            "summary": "a grid of samples",
+            "parameters": [_MODEL, _TIMEOUT, *_parameters("count", "seed", "label", "truncation", "scale", "version")],
             "responses": {"200": {"description": "PNG; headers X-Seed, X-Model-Version"}, "400": _ERROR,
-                          "404": _ERROR}}},
+                          "404": _ERROR, "504": _ERROR}}},
         "/v1/models/{model}/walk.gif": {"get": {
             "summary": "an animated walk between two seeds", "parameters": [
-                _MODEL, *_parameters("from_seed", "to_seed", "steps", "frame_ms", "scale", "version")],
-            "responses": {"200": {"description": "GIF"}, "400": _ERROR, "404": _ERROR}}},
+                _MODEL, _TIMEOUT, *_parameters("from_seed", "to_seed", "steps", "frame_ms", "scale", "version")],
+            "responses": {"200": {"description": "GIF"}, "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
         "/v1/models/{model}/score": {"post": {
             "summary": "P(real) of uploaded images (one as the body, or a multipart form of files)",
-            "parameters": [_MODEL, *_parameters("label", "anomaly", "version")],
+            "parameters": [_MODEL, _TIMEOUT, *_parameters("label", "anomaly", "version")],
             "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
             "responses": {"200": {"description": "JSON: probabilities, logits [, labels, anomaly, anomaly_percentile]"},
-                          "400": _ERROR, "404": _ERROR}}},
+                          "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
         "/v2/models/{model}/infer": {"post": {
             "summary": "Open Inference Protocol inference (KServe V2 REST; Triton's binary extension)",
-            "parameters": [_MODEL], "responses": {"200": {"description": "JSON or JSON + binary"}, "400": _ERROR}}},
+            "parameters": [_MODEL, _TIMEOUT],
+            "responses": {"200": {"description": "JSON or JSON + binary"}, "400": _ERROR, "504": _ERROR}}},
     },
 }

@@ -51,6 +51,11 @@ class Call:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    def within(self, seconds: float) -> Call:
+        """The same call, due in ``seconds`` at the latest (a front end's own timeout field)."""
+        due = time.monotonic() + seconds
+        return Call(due if self.deadline is None else min(self.deadline, due), self.is_active)
+
 
 @dataclass
 class SampleResult:
