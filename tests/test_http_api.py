@@ -177,3 +177,14 @@ def test_a_draining_server_is_not_ready_over_http_or_grpc(serving_repo):
             assert not oip_grpc.GRPCInferenceServiceStub(channel).ServerReady(oip.ServerReadyRequest()).ready
     finally:
         server.stop(grace=1)
+
+
+def test_the_default_wildcard_address_serves_http_over_ipv4_and_ipv6_on_one_port(serving_repo):
+    """``--host [::]`` (the default) binds gRPC dual-stack; HTTP must answer 127.0.0.1 on the same
+    port too (asyncio alone binds "::" IPv6 only: Envoy and curl on 127.0.0.1 were refused)."""
+    server = start_server(serving_repo, poll_s=0, host="[::]")
+    try:
+        assert curl(f"http://127.0.0.1:{server.http_port}/v2/health/live")[0] == 200
+        assert curl(f"http://[::1]:{server.http_port}/v2/health/live")[0] == 200
+    finally:
+        server.stop(grace=1)

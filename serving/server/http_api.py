@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -208,11 +209,29 @@ def encode_infer_response(header: dict, result: oip.InferResult) -> web.Response
                         headers={HEADER_LENGTH: str(len(text))})
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``. The wildcard ``[::]`` (the default) takes IPv4 too, on
+    the same port, as gRPC's does: asyncio would make it IPv6 only, and 127.0.0.1 would be refused."""
+    host = host.strip("[]")
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def start(service: InferenceService, token: str | None, host: str, port: int,
                 tls: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
     """Serve on the running loop; returns the runner (for cleanup) and the bound port."""
+    sock = listening_socket(host, port)
     runner = web.AppRunner(HttpFront(service, token).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=tls, reuse_port=False)
-    await site.start()
-    return runner, runner.addresses[0][1]
+    await web.SockSite(runner, sock, ssl_context=tls).start()
+    return runner, sock.getsockname()[1]
