@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import socket
 import ssl
 import time
@@ -169,7 +170,7 @@ def _input(tensor: object, raw: bytes, offset: int) -> tuple[str, np.ndarray, in
         raise InvalidArgument(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(oip.DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: shape {shape!r} must be a list of sizes >= 0")
-    dtype, count = np.dtype(oip.DTYPES[datatype]).newbyteorder("<"), int(np.prod(shape))
+    dtype, count = np.dtype(oip.DTYPES[datatype]).newbyteorder("<"), math.prod(shape)
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or offset + size > len(raw):

@@ -16,6 +16,8 @@ Each repository model appears as up to three OIP models (OIP versions are reposi
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -45,12 +47,17 @@ TensorMeta = tuple[str, str, list[int]]
 
 @dataclass(frozen=True)
 class Target:
-    """An OIP model name resolved: the repository model, the network it exposes, its card."""
+    """An OIP model name resolved: the repository model and the network it exposes. Its card is
+    built on first use (metadata, readiness): inference never needs it."""
 
     name: str
     model: str
     role: str  # generator | discriminator | encoder
-    card: ModelCard
+    service: InferenceService
+
+    @functools.cached_property
+    def card(self) -> ModelCard:
+        return self.service.model(self.model)
 
     def ready_versions(self) -> list[int]:
         return [v.version for v in self.card.versions
@@ -63,12 +70,11 @@ def resolve(service: InferenceService, name: str) -> Target:
     names exist."""
     candidates = [(name[: -len(suffix)], network) for suffix, network in ROLES.items() if name.endswith(suffix)]
     for model, role in [*candidates, (name, "generator")]:
-        try:
-            card = service.model(model) if model else None
-        except NotFound:
+        if not (model and service.serves(model)):
             continue
-        if card is not None and (role != "encoder" or any(v.encoder for v in card.versions)):
-            return Target(name, model, role, card)
+        target = Target(name, model, role, service)
+        if role != "encoder" or any(v.encoder for v in target.card.versions):
+            return target
     raise NotFound(f"model {quoted(name)} not found; models: {', '.join(names(service.models()[0]))}")
 
 
@@ -122,13 +128,13 @@ def input_arrays(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"input {quoted(tensor.name)}: shape {list(shape)} has a negative size")
         dtype = np.dtype(DTYPES[tensor.datatype]).newbyteorder("<")
         if raw:
-            if len(raw[i]) != int(np.prod(shape)) * dtype.itemsize:
+            if len(raw[i]) != math.prod(shape) * dtype.itemsize:
                 raise InvalidArgument(f"input {quoted(tensor.name)}: {len(raw[i])} bytes for shape {list(shape)} "
                                       f"of {tensor.datatype}")
             values = np.frombuffer(raw[i], dtype)
         else:
             values = np.asarray(getattr(tensor.contents, CONTENTS[tensor.datatype]), dtype)
-            if values.size != int(np.prod(shape)):
+            if values.size != math.prod(shape):
                 raise InvalidArgument(f"input {quoted(tensor.name)}: {values.size} values for shape {list(shape)}")
         arrays[tensor.name] = values.reshape(shape).astype(dtype.newbyteorder("="))
     return arrays

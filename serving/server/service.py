@@ -307,6 +307,10 @@ class InferenceService:
         """Every model of the repository, by name, and the default model's name."""
         return [model_card(e) for _, e in sorted(self.store.models().items())], self.store.default_model
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a model of the repository (cheap: for per-call name checks)."""
+        return self.store.serves(name)
+
     def model(self, name: str) -> ModelCard:
         """One model ("": the default); NOT_FOUND names the models there are."""
         return model_card(self.store.entry(name))
