@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from serving.client.library import InferenceClient
+from serving.client.library import Controls, InferenceClient
 from tests.conftest import start_server
 
 
@@ -188,3 +188,70 @@ def test_the_default_wildcard_address_serves_http_over_ipv4_and_ipv6_on_one_port
         assert curl(f"http://[::1]:{server.http_port}/v2/health/live")[0] == 200
     finally:
         server.stop(grace=1)
+
+
+def _png(base64_text: str, scale: int = 4) -> np.ndarray:
+    """A JSON answer's enlarged PNG, back at its model size."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(base64_text))) as image:
+        return np.asarray(image)[::scale, ::scale]
+
+
+def test_the_json_endpoints_the_playground_uses_match_dcgan_v1(server, tmp_path):
+    from PIL import Image
+
+    base = f"http://127.0.0.1:{server.http_port}/v1/models/enc"
+    status, body = curl(f"{base}/samples?count=3&seed=5")
+    answer = json.loads(body)
+    with InferenceClient(f"127.0.0.1:{server.port}") as client:
+        expected = client.sample(3, seed=5, model="enc", include_scores=True)
+        guided = client.sample(2, seed=5, model="enc", controls=Controls(keep_top=0.5))
+        digit = np.random.default_rng(2).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+        projected = client.project(digit, model="enc")
+    assert status == 200 and answer["seed"] == 5 and [s["index"] for s in answer["samples"]] == [0, 1, 2]
+    for item, pixels, score in zip(answer["samples"], expected.images, expected.probabilities):
+        np.testing.assert_array_equal(_png(item["png"]), pixels[0])
+        assert abs(item["score"] - score) < 1e-6
+    answer = json.loads(curl(f"{base}/samples?count=2&seed=5&keep_top=0.5")[1])
+    assert answer["candidates"] == 4 and [s["index"] for s in answer["samples"]] == list(guided.candidate_indices)
+    frames = json.loads(curl(f"{base}/walk?from_seed=1&to_seed=2&steps=4")[1])["frames"]
+    assert len(frames) == 4
+    Image.fromarray(digit[0, 0]).save(tmp_path / "digit.png")
+    status, body = curl(f"{base}/project", "-F", f"a=@{tmp_path / 'digit.png'}")
+    [image] = json.loads(body)["images"]
+    assert status == 200 and abs(image["anomaly"] - float(projected.anomaly[0])) < 1e-6
+    status, body = curl(f"{base}/walk?to_seed=3&steps=5", "--data-binary", f"@{tmp_path / 'digit.png'}")
+    answer = json.loads(body)
+    assert status == 200 and len(answer["frames"]) == 5 and abs(answer["anomaly"] - image["anomaly"]) < 1e-6
+    np.testing.assert_array_equal(_png(answer["frames"][0]["png"]), _png(image["reconstruction"]))  # starts at E(x)
+
+
+@pytest.mark.parametrize(("path", "args", "status", "fragment"), [
+    ("walk?from_seed=1", [], 400, "to_seed"),
+    ("walk?steps=4", ["--data-binary", "not an image"], 400, "to_seed"),
+    ("walk?to_seed=1", ["--data-binary", "not an image"], 400, "not an image"),
+    ("manifest?version=9", [], 404, "no version 9"),
+    ("samples?count=2&min_score=2", [], 400, "min_score"),
+    ("samples?count=two", [], 400, "count"),
+])
+def test_the_json_endpoints_give_precise_errors(server, path, args, status, fragment):
+    got, body = curl(f"http://127.0.0.1:{server.http_port}/v1/models/enc/{path}", *args)
+    assert got == status and fragment in json.loads(body)["error"], body
+
+
+def test_the_playground_page_is_served_at_the_root(server):
+    status, body = curl(f"http://127.0.0.1:{server.http_port}/")
+    assert status == 200 and b"<title>dcgan playground</title>" in body
+    assert curl(f"http://127.0.0.1:{server.http_port}/playground/playground.js")[0] == 200
+
+
+def test_every_plain_route_is_in_the_openapi_description():
+    from serving.server.plain_http import OPENAPI, PlainRoutes
+
+    routes = {(route.path, route.method.lower()) for route in PlainRoutes(None, None).routes()}
+    described = {(path, method) for path, operations in OPENAPI["paths"].items() for method in operations}
+    assert routes - {("/openapi.json", "get")} <= described

@@ -80,6 +80,9 @@ def test_http_is_tls_and_needs_the_token_except_health(secure_server, certificat
     assert status("/v2/models/tiny", "-H", "Authorization: Bearer wrong") == "401"
     assert status("/v2/models/tiny", "-H", "Authorization: Bearer s3cret-token") == "200"
     assert status("/v2/health/ready") == "200"  # probes need no token
+    assert status("/") == "200" and status("/playground/playground.js") == "200"  # the page asks for the token
+    assert status("/v1/models") == "401"
+    assert status("/playground/../v1/models", "--path-as-is") in ("401", "403", "404")  # no way around it
     plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                             f"http://localhost:{secure_server.http_port}/v2/health/live"],
                            capture_output=True, text=True, timeout=60)

@@ -16,6 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import numpy as np
 from aiohttp import web
@@ -28,7 +29,8 @@ from serving.server.service import InferenceService
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension: JSON first, then raw tensors
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401, "INTERNAL": 500}
-OPEN_PATHS = ("/v2/health/",)  # probes need no token, as gRPC health checks
+OPEN_PATHS = ("/v2/health/", "/playground/")  # probes need no token, as gRPC health checks; nor the page
+PLAYGROUND = Path(__file__).with_name("playground")  # the web playground's static files, served at /
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -56,11 +58,13 @@ class HttpFront:
         routes += [web.get(path, self._model_ready) for path in _versioned("/ready")]
         routes += [web.post(path, self._infer) for path in _versioned("/infer")]
         app.add_routes(routes + PlainRoutes(self.service, self._counted).routes())
+        app.router.add_get("/", self._playground)
+        app.router.add_static("/playground/", PLAYGROUND)
         return app
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.token is None or request.path.startswith(OPEN_PATHS):
+        if self.token is None or request.path == "/" or request.path.startswith(OPEN_PATHS):
             return await handler(request)
         scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(supplied.encode(), self.token.encode()):
@@ -78,6 +82,10 @@ class HttpFront:
             return error_response(code, message)
         finally:
             self.service.record_call(f"http.{operation}", model, code, time.perf_counter() - start)
+
+    async def _playground(self, request: web.Request) -> web.FileResponse:
+        """The web playground: a static page over the /v1 API (it sends the token itself)."""
+        return web.FileResponse(PLAYGROUND / "index.html")
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

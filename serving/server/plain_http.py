@@ -4,6 +4,8 @@ as JSON, and an OpenAPI description at /openapi.json. Same service calls as ever
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
 import io
 from collections.abc import Awaitable, Callable
@@ -13,10 +15,10 @@ from aiohttp import web
 from PIL import Image
 
 from dcgan_core import images
-from serving.server.errors import InvalidArgument, quoted
+from serving.server.errors import InvalidArgument, NotFound, quoted
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import Endpoint, SampleSpec, WalkSpec
-from serving.server.service import Call, InferenceService, ModelCard
+from serving.server.service import Call, InferenceService, ModelCard, SampleResult, probabilities
 
 MAX_SCALE = 16
 TIMEOUT_HEADER = "Request-Timeout-Ms"
@@ -64,10 +66,20 @@ def card_json(card: ModelCard) -> dict:
                          for version in card.versions]}
 
 
-def picture(image_chw: np.ndarray, scale: int, headers: dict[str, str]) -> web.Response:
+def png_bytes(image_chw: np.ndarray, scale: int) -> bytes:
     buffer = io.BytesIO()
     images.enlarge(images.to_pil(image_chw), scale).save(buffer, format="PNG")
-    return web.Response(body=buffer.getvalue(), content_type="image/png", headers=headers)
+    return buffer.getvalue()
+
+
+def picture(image_chw: np.ndarray, scale: int, headers: dict[str, str]) -> web.Response:
+    return web.Response(body=png_bytes(image_chw, scale), content_type="image/png", headers=headers)
+
+
+def pngs_base64(samples: np.ndarray, scale: int) -> list[str]:
+    """Model-range samples as base64 PNGs (enlarged ``scale`` times) for JSON answers; milliseconds
+    per image: call it off the event loop."""
+    return [base64.b64encode(png_bytes(image, scale)).decode() for image in images.model_to_uint8(samples)]
 
 
 class PlainRoutes:
@@ -75,9 +87,12 @@ class PlainRoutes:
         self.service, self.counted = service, counted
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/v1/models", self._models), web.get("/v1/models/{model}/sample.png", self._sample),
-                web.get("/v1/models/{model}/walk.gif", self._walk), web.post("/v1/models/{model}/score", self._score),
-                web.get("/openapi.json", self._openapi)]
+        model = "/v1/models/{model}"
+        return [web.get("/v1/models", self._models), web.get(f"{model}/manifest", self._manifest),
+                web.get(f"{model}/sample.png", self._sample), web.get(f"{model}/samples", self._samples),
+                web.get(f"{model}/walk.gif", self._walk), web.get(f"{model}/walk", self._walk_json),
+                web.post(f"{model}/walk", self._walk_from_image), web.post(f"{model}/score", self._score),
+                web.post(f"{model}/project", self._project), web.get("/openapi.json", self._openapi)]
 
     async def _models(self, request: web.Request) -> web.Response:
         async def work() -> web.Response:
@@ -133,6 +148,96 @@ class PlainRoutes:
             return web.json_response(answer)
         return await self.counted("ScoreImages", model, work)
 
+    async def _manifest(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            card, version = self.service.model(model), query(request, "version", int, 0)
+            version = version or card.latest_version
+            found = [v.manifest_json for v in card.versions if v.version == version and v.manifest_json]
+            if not found:
+                raise NotFound(f"model {quoted(model)} has no version {version} with a readable manifest")
+            return web.Response(text=found[0], content_type="application/json")
+        return await self.counted("Manifest", model, work)
+
+    async def _samples(self, request: web.Request) -> web.Response:
+        """Samples as JSON, each a PNG with its index in the seed's sequence and P(real)."""
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            label = query(request, "label", int)
+            spec = SampleSpec(query(request, "count", int, 16), query(request, "seed", int), None,
+                              () if label is None else (label,), query(request, "truncation", float),
+                              query(request, "min_score", float), query(request, "keep_top", float),
+                              include_scores=True, model=model, version=query(request, "version", int, 0),
+                              encoding="float32")
+            scale = _scale(request)
+            result = await self.service.sample(spec, call_of(request))
+            return web.json_response({"model": model, "version": result.manifest.version, "seed": result.seed,
+                                      "candidates": result.candidates,
+                                      "samples": await asyncio.to_thread(_sample_items, result, scale)})
+        return await self.counted("Samples", model, work)
+
+    async def _walk_json(self, request: web.Request) -> web.Response:
+        """A walk between two seeds' samples as JSON frames (PNGs)."""
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            ends = [query(request, name, int) for name in ("from_seed", "to_seed")]
+            if None in ends:
+                raise InvalidArgument("a walk needs from_seed and to_seed")
+            start = Endpoint(seed=ends[0], index=query(request, "from_index", int, 0))
+            end = Endpoint(seed=ends[1], index=query(request, "to_index", int, 0))
+            return await self._walk_frames(request, model, start, end, {})
+        return await self.counted("Walk", model, work)
+
+    async def _walk_from_image(self, request: web.Request) -> web.Response:
+        """A walk from an uploaded image (its latent E(x), as Project finds it) to a seed's sample."""
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            to_seed, version = query(request, "to_seed", int), query(request, "version", int, 0)
+            if to_seed is None:
+                raise InvalidArgument("a walk from an image needs to_seed")
+            uploads = await _uploaded(request)
+            if len(uploads) != 1:
+                raise InvalidArgument(f"a walk starts from one image, not {len(uploads)}")
+            found = await self.service.project(ScoreSpec(uploads, model=model, version=version), "float32",
+                                               call_of(request))
+            label = None if found.labels is None else int(found.labels[0])
+            start = Endpoint(latent=found.latents[0], label=label)
+            end = Endpoint(seed=to_seed, index=query(request, "to_index", int, 0), label=label)
+            extra = {"anomaly": float(found.anomaly[0]), "anomaly_percentile": float(found.anomaly_percentile[0])}
+            return await self._walk_frames(request, model, start, end, extra)
+        return await self.counted("WalkFromImage", model, work)
+
+    async def _walk_frames(self, request: web.Request, model: str, start: Endpoint, end: Endpoint,
+                           extra: dict) -> web.Response:
+        spec = WalkSpec(start, end, query(request, "steps", int, 16), model=model,
+                        version=query(request, "version", int, 0), encoding="float32")
+        scale = _scale(request)
+        frames = await self.service.walk(spec, call_of(request))
+        pngs = await asyncio.to_thread(pngs_base64, frames.samples, scale)
+        return web.json_response({"model": model, "version": frames.manifest.version,
+                                  "frames": [{"png": png} for png in pngs], **extra})
+
+    async def _project(self, request: web.Request) -> web.Response:
+        """Uploaded images' reconstructions G(E(x)) as PNGs, with their anomaly scores."""
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            label, version = query(request, "label", int), query(request, "version", int, 0)
+            spec = ScoreSpec(await _uploaded(request), None, () if label is None else (label,), model, version)
+            scale = _scale(request)
+            found = await self.service.project(spec, "float32", call_of(request))
+            pngs = await asyncio.to_thread(pngs_base64, found.reconstructions, scale)
+            answer = [{"reconstruction": png, "anomaly": float(found.anomaly[i]),
+                       "anomaly_percentile": float(found.anomaly_percentile[i]),
+                       **({} if found.labels is None else {"label": int(found.labels[i])})}
+                      for i, png in enumerate(pngs)]
+            return web.json_response({"model": model, "version": found.manifest.version, "images": answer})
+        return await self.counted("ProjectImages", model, work)
+
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
 
@@ -154,6 +259,23 @@ async def _uploaded(request: web.Request) -> list[bytes]:
         except Exception:  # noqa: BLE001 - any failure to parse is the client's bad input
             raise InvalidArgument(f"upload {number} is not an image Pillow can read") from None
     return files
+
+
+def _sample_items(result: SampleResult, scale: int) -> list[dict]:
+    """Each sample of a result: its PNG, its index in the seed's sequence (a guided request's
+    candidate index), P(real) and class when known."""
+    indices = (result.candidate_indices if result.candidate_indices is not None
+               else range(result.offset, result.offset + len(result.samples)))
+    scores = None if result.logits is None else probabilities(result.logits)
+    items = []
+    for i, (png, index) in enumerate(zip(pngs_base64(result.samples, scale), indices)):
+        item = {"index": int(index), "png": png}
+        if scores is not None:
+            item["score"] = float(scores[i])
+        if result.labels is not None:
+            item["label"] = int(result.labels[i])
+        items.append(item)
+    return items
 
 
 def _parameters(*names: str) -> list[dict]:
@@ -185,6 +307,32 @@ OPENAPI = {
             "parameters": [_MODEL, _TIMEOUT, *_parameters("label", "anomaly", "version")],
             "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
             "responses": {"200": {"description": "JSON: probabilities, logits [, labels, anomaly, anomaly_percentile]"},
+                          "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
+        "/v1/models/{model}/manifest": {"get": {
+            "summary": "a version's manifest (figures, training, files)",
+            "parameters": [_MODEL, *_parameters("version")],
+            "responses": {"200": {"description": "JSON"}, "404": _ERROR}}},
+        "/v1/models/{model}/samples": {"get": {
+            "summary": "samples as JSON: each a base64 PNG with its index in the seed's sequence, P(real), class",
+            "parameters": [_MODEL, _TIMEOUT, *_parameters("count", "seed", "label", "truncation", "min_score",
+                                                          "keep_top", "scale", "version")],
+            "responses": {"200": {"description": "JSON: model, version, seed, candidates, samples"},
+                          "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
+        "/v1/models/{model}/walk": {
+            "get": {"summary": "a walk between two seeds' samples as JSON frames (base64 PNGs)",
+                    "parameters": [_MODEL, _TIMEOUT, *_parameters("from_seed", "from_index", "to_seed", "to_index",
+                                                                  "steps", "scale", "version")],
+                    "responses": {"200": {"description": "JSON: frames"}, "400": _ERROR, "404": _ERROR}},
+            "post": {"summary": "a walk from an uploaded image (its latent E(x)) to a seed's sample",
+                     "parameters": [_MODEL, _TIMEOUT, *_parameters("to_seed", "to_index", "steps", "scale", "version")],
+                     "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
+                     "responses": {"200": {"description": "JSON: frames, anomaly, anomaly_percentile"},
+                                   "400": _ERROR, "404": _ERROR}}},
+        "/v1/models/{model}/project": {"post": {
+            "summary": "uploaded images' reconstructions G(E(x)) as base64 PNGs, with anomaly scores",
+            "parameters": [_MODEL, _TIMEOUT, *_parameters("label", "scale", "version")],
+            "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
+            "responses": {"200": {"description": "JSON: images (reconstruction, anomaly, anomaly_percentile[, label])"},
                           "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
         "/v2/models/{model}/infer": {"post": {
             "summary": "Open Inference Protocol inference (KServe V2 REST; Triton's binary extension)",
