@@ -70,8 +70,9 @@ def _digit_png(tmp_path: Path) -> Path:
 def test_the_page_lists_the_models_with_their_cards(page):
     options = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
     assert sorted(options) == ["mnist-cond", "mnist-dcgan"]
-    card = page.inner_text("#card")
-    assert "versions\n4 ready" in card and "\nfd\n2.093" in card  # the manifest's figures
+    facts = dict(page.eval_on_selector_all("#card div", "divs => divs.map(d => [d.firstChild.textContent, "
+                                                         "d.lastChild.textContent])"))
+    assert facts["versions"] == "4 ready" and facts["fd"] == "2.093"  # the manifest's figures
     page.select_option("#model", "mnist-cond")
     page.wait_for_function("document.querySelector('#card').textContent.includes('0, 1, 2')")
     assert page.is_visible("#sample-label")
@@ -86,8 +87,9 @@ def test_a_sample_request_renders_the_grid_and_a_click_shows_seed_index_and_scor
     assert page.eval_on_selector("#grid img", "img => img.naturalWidth") == 112  # 28-pixel cells, enlarged 4x
     assert page.eval_on_selector("#grid img", "img => img.getBoundingClientRect().width") >= 84
     page.click("#grid .cell >> nth=3")
-    facts = page.inner_text("#detail-facts")
-    assert "seed\n5" in facts.replace("\t", "\n") and "index\n3" in facts.replace("\t", "\n") and "P(real)" in facts
+    facts = dict(page.eval_on_selector_all("#detail-facts div", "divs => divs.map(d => [d.firstChild.textContent, "
+                                                                 "d.lastChild.textContent])"))
+    assert facts["seed"] == "5" and facts["index"] == "3" and 0 < float(facts["P(real)"]) < 1
     assert page.get_attribute("#detail-download", "href").startswith("data:image/png;base64,")
 
 

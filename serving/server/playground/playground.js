@@ -57,14 +57,16 @@ async function busy(button, work) {
   }
 }
 
-// [[term, value], ...] as the <dt>/<dd> pairs of a definition list
+// [[term, value], ...] as the entries of a definition list, each <dt>/<dd> pair in a <div>
 function terms(facts) {
-  return facts.flatMap(([term, value]) => {
+  return facts.map(([term, value]) => {
+    const entry = document.createElement("div");
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
     dt.textContent = term;
     dd.textContent = value;
-    return [dt, dd];
+    entry.append(dt, dd);
+    return entry;
   });
 }
 
@@ -114,7 +116,7 @@ async function showCard() {
     if (manifest.anomaly && manifest.anomaly.class_accuracy !== undefined) {
       facts.push(["class read-back", manifest.anomaly.class_accuracy.toFixed(3)]);
     }
-    facts.push(["created", manifest.created || "?"]);
+    facts.push(["created", (manifest.created || "?").replace("T", " ").slice(0, 16)]);
   }
   $("card").replaceChildren(...terms(facts));
 }
