@@ -185,6 +185,10 @@ def test_http_goes_through_envoy_to_the_replicas_and_a_stopped_one_leaves_its_ro
         pixels = answer.read()[header_length:]
     with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as answer:
         assert [m["name"] for m in json.loads(answer.read())["models"]] == ["tiny"]
+    with urllib.request.urlopen(f"{url}/", timeout=30) as answer:  # the playground, and what it calls
+        assert b"dcgan playground" in answer.read()
+    with urllib.request.urlopen(f"{url}/v1/models/tiny/samples?count=2&seed=4", timeout=30) as answer:
+        assert len(json.loads(answer.read())["samples"]) == 2
     with InferenceClient(f"127.0.0.1:{started.port}", timeout=30) as client:
         assert pixels == client.sample(3, seed=4, model="tiny").images.tobytes()
     process, ports = started.replicas[0]

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,10 @@ def test_the_wheel_serves_and_samples_from_fresh_venvs_outside_the_repository(tm
                                "--count", "16", "--seed", "3", "--out", "grid.png"], cwd=work,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/", timeout=30) as page:  # package data
+            assert b"dcgan playground" in page.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/playground/playground.js", timeout=30) as page:
+            assert page.status == 200
     finally:
         server.terminate()
         server.wait(30)
