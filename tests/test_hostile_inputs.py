@@ -274,3 +274,14 @@ def test_unknown_model_names_never_become_metric_labels(server):
     assert "random-name" not in after and "warm-up-name" not in after
     assert 'dcgan_requests_total{code="NOT_FOUND",method="Sample",model="unknown"}' in after
     assert 'method="ListModels"' in after
+
+
+@pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelInfer",
+                                    "/inference.GRPCInferenceService/ModelMetadata",
+                                    "/grpc.health.v1.Health/Check"])
+def test_undecodable_requests_of_every_service_are_invalid_argument(channel, method):
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as failed:
+        call(b"\xff\xff\xff", timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"request bytes of {method} do not parse" in failed.value.details()

@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from dcgan.v1 import inference_pb2 as pb
 
 from dcgan_core.repository import Repository
 from serving.client.library import InferenceClient, NotFoundError
-from serving.processes import port_of, spawn_server
+from serving.processes import port_of, ports_of, spawn_server
 from tests.conftest import start_server
 from tests.repo_faults import BROKEN, add_version, finish_copy, missing_networks, repair
 
@@ -218,6 +220,39 @@ def test_a_port_already_in_use_is_refused(serving_repo, tmp_path):
         assert f"cannot listen on 127.0.0.1:{server.port}: the port is in use" in done.stderr
     finally:
         server.stop(grace=1)
+
+
+def test_with_reuse_port_processes_share_the_grpc_and_http_ports_and_each_serves(serving_repo):
+    """--reuse-port: a second process binds the same ports (SO_REUSEPORT) instead of failing; the
+    kernel spreads connections over both (each counts calls in its own metrics), and the port keeps
+    answering when one stops."""
+    flags = ["--repository", str(serving_repo), "--metrics-port", "0", "--poll-s", "0", "--reuse-port"]
+    first = spawn_server(flags, stderr=subprocess.DEVNULL)
+    ports = ports_of(first)
+    second = spawn_server([*flags, "--port", str(ports.grpc), "--http-port", str(ports.http)],
+                          stderr=subprocess.DEVNULL)
+    try:
+        seconds = ports_of(second)
+        assert (seconds.grpc, seconds.http) == (ports.grpc, ports.http)
+        for process in (first, second):
+            threading.Thread(target=process.stdout.read, daemon=True).start()
+        for _ in range(40):  # a new connection each time
+            urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v1/models", timeout=30).close()
+        counted = [_calls(metrics, "http.ListModels") for metrics in (ports.metrics, seconds.metrics)]
+        assert sum(counted) == 40 and min(counted) > 0, counted
+        _stop(first)
+        with InferenceClient(f"127.0.0.1:{ports.grpc}") as client:
+            assert client.sample(2, seed=1).images.shape[0] == 2
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                _stop(process)
+
+
+def _calls(metrics_port: int, method: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dcgan_requests_total{") and f'method="{method}"' in line)
 
 
 def test_metrics_listen_on_the_grpc_host_only(serving_repo):

@@ -33,7 +33,7 @@ from serving import security
 from serving.processes import Ports
 from serving.server import http_api
 from serving.server.config import ServeConfig, ServeConfigError, load_serve_config
-from serving.server.decoding import DecodeErrorInterceptor
+from serving.server.decoding import GuardedRegistry
 from serving.server.errors import FailedPrecondition, ServiceError, Unavailable
 from serving.server.metrics import ServingMetrics
 from serving.server.oip import OIP_SERVICE_NAME, OipServicer
@@ -80,16 +80,15 @@ class InferenceServer:
         config = self.config
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]  # a second server on a used port must fail, not share it
-        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeErrorInterceptor()]
-        if self._token is not None:
-            interceptors.insert(0, security.BearerTokenInterceptor(self._token))
+                   ("grpc.so_reuseport", int(config.reuse_port))]  # unless asked: a used port is an error
+        interceptors = [] if self._token is None else [security.BearerTokenInterceptor(self._token)]
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), self.server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(self.service), self.server)
+        registry = GuardedRegistry(self.server)  # undecodable requests: INVALID_ARGUMENT (serving/server/decoding.py)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), registry)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(self.service), registry)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registry)
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
@@ -148,7 +147,8 @@ class InferenceServer:
         if self.config.http_port >= 0:
             try:
                 self._http, self.http_port = self._on_loop(http_api.start(
-                    self.service, self._token, self.config.host, self.config.http_port, self._tls_context()))
+                    self.service, self._token, self.config.host, self.config.http_port, self._tls_context(),
+                    self.config.reuse_port))
             except OSError as exc:
                 self.stop(grace=0)
                 raise OSError(f"cannot serve HTTP on port {self.config.http_port}: {exc.strerror or exc}") from None

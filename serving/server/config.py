@@ -74,6 +74,8 @@ class ServeConfig:
     batch_workers: int = setting(0, "threads running batches per network (0: one per CPU core, 1 on CUDA)")
     ort_threads: int = setting(0, "onnxruntime intra-op threads per session (0: 1 with several workers, "
                                   "else onnxruntime's choice)")
+    reuse_port: bool = setting(False, "share the gRPC port with other dcgan-serve processes (SO_REUSEPORT: the "
+                                      "kernel spreads connections over them); off, a port in use is an error")
     http_port: int = setting(8080, "HTTP port: the Open Inference Protocol's REST API (0: a free port, -1: off)")
     metrics_port: int = setting(8000, "Prometheus metrics port (0: a free port, -1: off)")
     metrics_host: str = setting("", "metrics bind address (default: the --host address, so a local server "

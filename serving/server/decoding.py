@@ -1,8 +1,10 @@
 """Request bytes that do not parse as the request message get INVALID_ARGUMENT, not UNKNOWN.
 
-grpc-aio deserializes a request before any handler runs and answers UNKNOWN when that fails. This
-interceptor installs a deserializer that keeps the failure instead, and a handler in front of the
-real one that answers it as the client's error, with the message type and protobuf's reason.
+grpc-aio deserializes a request before any handler runs and answers UNKNOWN when that fails. Each
+method handler is therefore registered with a deserializer that keeps the failure instead, and a
+handler in front of the real one that answers it as the client's error, with the message type and
+protobuf's reason. The wrapping happens once, when the servicers register (``GuardedRegistry``):
+an interceptor would build a new handler on every call.
 """
 
 from __future__ import annotations
@@ -54,13 +56,40 @@ def _guarded(behavior: Callable, method: str) -> Callable:
     return unary
 
 
-class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        kind, factory = (("unary_stream", grpc.unary_stream_rpc_method_handler) if handler.response_streaming
-                         else ("unary_unary", grpc.unary_unary_rpc_method_handler))
-        return factory(_guarded(getattr(handler, kind), details.method),
-                       request_deserializer=_lenient(handler.request_deserializer),
-                       response_serializer=handler.response_serializer)
+def guarded(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+    """``handler`` with a lenient deserializer and the undecodable check in front (unary requests;
+    others as they are)."""
+    if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    kind, factory = (("unary_stream", grpc.unary_stream_rpc_method_handler) if handler.response_streaming
+                     else ("unary_unary", grpc.unary_unary_rpc_method_handler))
+    return factory(_guarded(getattr(handler, kind), method),
+                   request_deserializer=_lenient(handler.request_deserializer),
+                   response_serializer=handler.response_serializer)
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):
+    """A generic handler's answers, guarded once per method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler):
+        self._inner, self._handlers = inner, {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method not in self._handlers:
+            self._handlers[details.method] = guarded(self._inner.service(details), details.method)
+        return self._handlers[details.method]
+
+
+class GuardedRegistry:
+    """Stands in for the server while generated ``add_*Servicer_to_server`` functions register:
+    every method handler reaches the server guarded."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: guarded(handler, f"/{service}/{name}") for name, handler in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(handler) for handler in handlers))

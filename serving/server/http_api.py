@@ -218,15 +218,18 @@ def encode_infer_response(header: dict, result: oip.InferResult) -> web.Response
                         headers={HEADER_LENGTH: str(len(text))})
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A socket bound to ``host``:``port``. The wildcard ``[::]`` (the default) takes IPv4 too, on
-    the same port, as gRPC's does: asyncio would make it IPv6 only, and 127.0.0.1 would be refused."""
+    the same port, as gRPC's does: asyncio would make it IPv6 only, and 127.0.0.1 would be refused.
+    With ``reuse_port`` other processes may bind the same port (``--reuse-port``)."""
     host = host.strip("[]")
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
@@ -237,9 +240,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def start(service: InferenceService, token: str | None, host: str, port: int,
-                tls: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
+                tls: ssl.SSLContext | None, reuse_port: bool = False) -> tuple[web.AppRunner, int]:
     """Serve on the running loop; returns the runner (for cleanup) and the bound port."""
-    sock = listening_socket(host, port)
+    sock = listening_socket(host, port, reuse_port)
     runner = web.AppRunner(HttpFront(service, token).app(), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=tls).start()
