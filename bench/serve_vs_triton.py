@@ -1,0 +1,123 @@
+"""Per-call cost against Triton: the same client program (bench/oip_load.py, tritonclient over the
+Open Inference Protocol's gRPC) against Triton (PyTriton, the same generator.onnx, its dynamic
+batcher), dcgan-serve with default flags, and dcgan-serve as one process per core sharing the
+port (``--reuse-port --batch-workers 1 --ort-threads 1``). Loads: 64 single-image clients, and
+one client asking for 256 images per request. Besides images/s and latency, each run records
+the server's CPU time (its whole process tree: Triton's stub processes included) per call.
+Interleaved repeats, medians, ratios of one run (bench/results/serve_vs_triton.json).
+
+    .venv/bin/python bench/serve_vs_triton.py --repository exported --model mnist-dcgan
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import cpu_model, median, save  # noqa: E402
+from bench.oip_vs_triton import TRITON_VENV, measure, served_version, start_triton, triton_python  # noqa: E402
+from dcgan_core.repository import Repository  # noqa: E402
+from serving import processes  # noqa: E402
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+PER_CORE = ["--reuse-port", "--batch-workers", "1", "--ort-threads", "1"]
+
+
+def tree_cpu_s(roots: list[int]) -> float:
+    """User + system CPU seconds of ``roots`` and all their descendants, from /proc."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S)
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
+    return total
+
+
+def start_dcgan(repository: str, copies: int) -> tuple[list[subprocess.Popen], int]:
+    """dcgan-serve with default flags (copies 1), or ``copies`` processes sharing one port."""
+    base = ["--repository", repository, "--metrics-port", "-1", "--http-port", "-1"]
+    first, ports = processes.start_server([*base, *(PER_CORE if copies > 1 else [])], stderr=subprocess.DEVNULL)
+    started = [first]
+    for _ in range(copies - 1):
+        process, _ = processes.start_server([*base, *PER_CORE, "--port", str(ports.grpc)], stderr=subprocess.DEVNULL)
+        started.append(process)
+    return started, ports.grpc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", default="exported")
+    parser.add_argument("--model", default="mnist-dcgan")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes of the shared-port peer (default: one per core)")
+    parser.add_argument("--triton-venv", type=Path, default=TRITON_VENV)
+    args = parser.parse_args()
+    triton_py = triton_python(args.triton_venv)
+    loads = {f"{args.clients}x1": (args.clients, 1), f"1x{args.batch}": (1, args.batch)}
+    started: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            default, default_port = start_dcgan(args.repository, 1)
+            shared, shared_port = start_dcgan(args.repository, args.processes)
+            started += default + shared
+            version = served_version(default_port, args.model)
+            onnx = Repository(Path(args.repository)).version_dir(args.model, version) / "generator.onnx"
+            triton, ports = start_triton(triton_py, onnx, args.model, Path(scratch) / "triton.log")
+            started.append(triton)
+            peers = {"triton": ([triton.pid], ports["grpc"]),
+                     "dcgan-serve": ([p.pid for p in default], default_port),
+                     f"dcgan-serve x{args.processes}": ([p.pid for p in shared], shared_port)}
+            runs = {load: {peer: [] for peer in peers} for load in loads}
+            for repeat in range(args.repeats):
+                for load, (clients, count) in loads.items():
+                    for peer, (pids, port) in peers.items():
+                        before = tree_cpu_s(pids)
+                        result = measure(triton_py, "tritonclient-grpc", f"127.0.0.1:{port}", args.model, clients,
+                                         count, args.seconds)
+                        calls = result["requests_per_s"] * args.seconds
+                        result["server_core_ms_per_call"] = 1000 * (tree_cpu_s(pids) - before) / calls
+                        runs[load][peer].append(result)
+                        print(f"repeat {repeat + 1}/{args.repeats} {load:>6} {peer:<16} "
+                              f"{result['images_per_s']:7.0f} img/s  p99 {result['p99_ms']:6.1f} ms  "
+                              f"{result['server_core_ms_per_call']:.3f} server core-ms/call", flush=True)
+        finally:
+            for process in started:
+                process.terminate()
+                process.wait(timeout=60)
+    keys = ("images_per_s", "p50_ms", "p99_ms", "server_core_ms_per_call")
+    medians = {load: {peer: {k: median([r[k] for r in results]) for k in keys} for peer, results in by_peer.items()}
+               for load, by_peer in runs.items()}
+    ratios = {load: {peer: medians[load][peer]["images_per_s"] / medians[load]["triton"]["images_per_s"]
+                     for peer in peers if peer != "triton"} for load in loads}
+    for load, named in ratios.items():
+        for peer, ratio in named.items():
+            print(f"{load:>6} {peer:<16} {ratio:5.2f}x Triton")
+    save("serve_vs_triton", {"cpu": cpu_model(), "model": f"{args.model}/{version}", "seconds": args.seconds,
+                             "repeats": args.repeats, "client": "bench/oip_load.py tritonclient-grpc",
+                             "shared_port_flags": PER_CORE, "median": medians, "ratios_vs_triton": ratios,
+                             "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
