@@ -5,8 +5,9 @@ throughput figure on a shared machine.
 
 One client sends ``--calls`` sequential calls of each kind (dcgan.v1 Sample of 1 image, OIP
 ModelInfer of one latent through tritonclient's message shape, Score of 1 image); the server's
-``grpc-aio`` thread's user+system time over them, divided by the calls. Repeats interleave the
-kinds; medians in bench/results/loop_cost.json.
+``grpc-aio`` thread's user+system time over them, divided by the calls; and the same Sample calls
+against bench/grpc_floor.py (a grpc.aio server that does no work) for what grpc.aio itself costs.
+Repeats interleave the kinds; medians in bench/results/loop_cost.json.
 
     .venv/bin/python bench/loop_cost.py --repository exported --model mnist-dcgan
 """
@@ -44,6 +45,34 @@ def thread_cpu_s(pid: int, name: str) -> float:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) * TICK_S
     return total
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def floor_us_per_call(count: int, repeats: int) -> list[float]:
+    """The same sequential Sample calls against bench/grpc_floor.py, a grpc.aio server that does no
+    work: its whole process's CPU per call is what grpc.aio itself costs here."""
+    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", "0"], stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    try:
+        port = int(floor.stdout.readline().rsplit(" ", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            for _ in range(50):
+                stub.Sample(pb.SampleRequest(count=1))
+            spent = []
+            for _ in range(repeats):
+                before = process_cpu_s(floor.pid)
+                for _ in range(count):
+                    stub.Sample(pb.SampleRequest(count=1))
+                spent.append(1e6 * (process_cpu_s(floor.pid) - before) / count)
+            return spent
+    finally:
+        floor.terminate()
+        floor.wait(timeout=30)
 
 
 def calls(channel: grpc.Channel, model: str) -> dict[str, Callable[[], object]]:
@@ -89,8 +118,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+    results["no-work grpc.aio server, whole process (floor)"] = floor_us_per_call(args.calls, args.repeats)
     for name, values in results.items():
-        print(f"{name:<22} loop thread {median(values):6.0f} us per call  ({', '.join(f'{v:.0f}' for v in values)})")
+        print(f"{name:<48} {median(values):6.0f} us per call  ({', '.join(f'{v:.0f}' for v in values)})")
     save("loop_cost", {"cpu": cpu_model(), "calls": args.calls, "repeats": args.repeats, "server_flags": extra,
                        "median_us_per_call": {k: median(v) for k, v in results.items()}, "runs_us": results})
 

@@ -6,8 +6,9 @@ of client, so peers differ only in the server and its protocol:
 - ``tritonclient-grpc``, ``tritonclient-http``: Triton's own client libraries, sending latents
   ``z`` and asking for ``images`` (UINT8): any Open Inference Protocol server (Triton, dcgan-serve).
   They run in the Triton venv (bench/requirements-triton.txt; tritonclient needs protobuf < 7).
-- ``dcgan-v1``, ``oip-grpc``: dcgan-serve's own protocol (Sample with a seed, raw uint8) and OIP
-  with the ``seed`` and ``count`` parameters, from generated stubs (the project's venv).
+- ``dcgan-v1``, ``dcgan-v1-score``, ``oip-grpc``: dcgan-serve's own protocol (Sample with a seed,
+  raw uint8; Score of uint8 pixels) and OIP with the ``seed`` and ``count`` parameters, from
+  generated stubs (the project's venv).
 
     python bench/oip_load.py tritonclient-grpc 127.0.0.1:8001 --model mnist-dcgan --clients 64 --count 1
 """
@@ -49,6 +50,18 @@ def dcgan_v1_call(target: str, model: str, count: int) -> Call:
     return lambda: stub.Sample(request)
 
 
+def dcgan_v1_score_call(target: str, model: str, count: int) -> Call:
+    import grpc
+    from dcgan.v1 import inference_pb2 as pb
+    from dcgan.v1 import inference_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target))
+    pixels = np.random.default_rng(LATENT_SEED).integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
+    request = pb.ScoreRequest(model=model, tensor=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=pixels.shape,
+                                                            data=pixels.tobytes()))
+    return lambda: stub.Score(request)
+
+
 def oip_grpc_call(target: str, model: str, count: int) -> Call:
     import grpc
     from dcgan.oip import grpc_predict_v2_pb2 as oip
@@ -63,7 +76,8 @@ def oip_grpc_call(target: str, model: str, count: int) -> Call:
 def make_call(kind: str, target: str, model: str, count: int, latent: int) -> Call:
     if kind.startswith("tritonclient-"):
         return tritonclient_call(kind.removeprefix("tritonclient-"), target, model, count, latent)
-    return {"dcgan-v1": dcgan_v1_call, "oip-grpc": oip_grpc_call}[kind](target, model, count)
+    return {"dcgan-v1": dcgan_v1_call, "dcgan-v1-score": dcgan_v1_score_call,
+            "oip-grpc": oip_grpc_call}[kind](target, model, count)
 
 
 def run(connect: Callable[[], Call], clients: int, seconds: float) -> dict:
@@ -107,7 +121,8 @@ def run(connect: Callable[[], Call], clients: int, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["tritonclient-grpc", "tritonclient-http", "dcgan-v1", "oip-grpc"])
+    parser.add_argument("kind", choices=["tritonclient-grpc", "tritonclient-http", "dcgan-v1", "dcgan-v1-score",
+                                         "oip-grpc"])
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument("--model", required=True)
     parser.add_argument("--latent", type=int, default=100)
