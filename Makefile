@@ -69,6 +69,8 @@ bench: setup
 	$(PY) bench/protocol_overhead.py --repository exported --model mnist-dcgan
 	$(PY) bench/oip_vs_triton.py --repository exported --model mnist-dcgan
 	$(PY) bench/playground.py --repository exported
+	$(PY) bench/serve_vs_triton.py --repository exported --model mnist-dcgan
+	$(PY) bench/loop_cost.py --repository exported --model mnist-dcgan
 	$(PY) bench/drain_through_envoy.py --repository exported --model mnist-dcgan
 	$(PY) bench/ddp_throughput.py --data-dir $(MNIST)
 	$(PY) bench/step_time.py --data-dir $(MNIST) --profile
