@@ -152,3 +152,17 @@ def test_it_works_by_keyboard_and_at_a_phone_width(browser, server):
     page.wait_for_function("document.querySelectorAll('#grid img').length === 8")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     context.close()
+
+
+def test_a_conditional_model_samples_the_chosen_class(page):
+    page.select_option("#model", "mnist-cond")
+    page.wait_for_function("document.querySelector('#card').textContent.includes('0, 1, 2')")
+    page.select_option("#sample-label", "7")
+    page.fill("#sample-seed", "3")
+    page.fill("#sample-count", "4")
+    page.click("#sample-go")
+    page.wait_for_function("document.querySelectorAll('#grid img').length === 4")
+    page.click("#grid .cell >> nth=2")
+    facts = dict(page.eval_on_selector_all("#detail-facts div", "divs => divs.map(d => [d.firstChild.textContent, "
+                                                                 "d.lastChild.textContent])"))
+    assert facts["class"] == "7" and facts["index"] == "2"
