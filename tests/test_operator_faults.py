@@ -59,6 +59,8 @@ def _stderr_until(proc: subprocess.Popen, fragment: str) -> str:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    if proc.stderr is not None:  # keep the pipe drained: a server blocked writing its log never exits
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
     proc.send_signal(signal.SIGTERM)
     try:
         assert proc.wait(20) == 0

@@ -1,8 +1,10 @@
 """SIGTERM on a real dcgan-serve process: NOT_SERVING, UNAVAILABLE for new calls, drain, exit 0."""
 
+import concurrent.futures
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import grpc
@@ -32,6 +34,13 @@ def _log_line(proc: subprocess.Popen, fragment: str) -> str:
         if fragment in line:
             return line
     pytest.fail(f"the server never logged {fragment!r}")
+
+
+def _drained(proc: subprocess.Popen) -> concurrent.futures.Future:
+    """The rest of the server's stderr, read from now on in a thread (its text once it closes)."""
+    rest: concurrent.futures.Future = concurrent.futures.Future()
+    threading.Thread(target=lambda: rest.set_result(proc.stderr.read()), daemon=True).start()
+    return rest
 
 
 def _queued(metrics_port: int, model: str = "tiny") -> float:
@@ -75,11 +84,12 @@ def test_sigterm_with_long_calls_in_flight_exits_0(serving_repo):
             request = pb.SampleRequest(model="mnist-dcgan", count=1024, seed=1, include_scores=True)
             calls = [stub.Sample.future(request) for _ in range(8)]
             assert wait_for(lambda: _queued(metrics_port, "mnist-dcgan") > 0)
+            rest = _drained(proc)  # a server blocked on a full stderr pipe would never exit
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
             for call in calls:
                 assert call.exception(10) is None or call.code() in ABORTED
-        assert "terminate called" not in proc.stderr.read()
+        assert "terminate called" not in rest.result(10)
     finally:
         proc.kill()
 
