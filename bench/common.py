@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,6 +28,18 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpu": cpu_model(), "processor": platform.processor(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def proc_stat(path: Path) -> tuple[int, float]:
+    """(parent pid, CPU seconds: user + system) from a Linux /proc ``stat`` file, of a process
+    (/proc/PID/stat) or of one of its threads (/proc/PID/task/TID/stat)."""
+    fields = path.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    return proc_stat(Path(f"/proc/{pid}/stat"))[1]
 
 
 def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:

@@ -15,7 +15,6 @@ Repeats interleave the kinds; medians in bench/results/loop_cost.json.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,35 +30,23 @@ from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc  # noqa: E402
 from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
-from bench.common import cpu_model, median, save  # noqa: E402
+from bench.common import cpu_model, median, proc_stat, process_cpu_s, save  # noqa: E402
+from bench.serve_throughput import start  # noqa: E402
 from serving import processes  # noqa: E402
-
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_s(pid: int, name: str) -> float:
     """User + system seconds of the threads of ``pid`` named ``name``."""
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == name:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) * TICK_S
-    return total
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+    return sum(proc_stat(task / "stat")[1] for task in Path(f"/proc/{pid}/task").iterdir()
+               if (task / "comm").read_text().strip() == name)
 
 
 def floor_us_per_call(count: int, repeats: int) -> list[float]:
     """The same sequential Sample calls against bench/grpc_floor.py, a grpc.aio server that does no
     work: its whole process's CPU per call is what grpc.aio itself costs here."""
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", "0"], stdout=subprocess.PIPE,
-                             text=True, cwd=ROOT)
+    floor, target = start([sys.executable, "-m", "bench.grpc_floor", "--port", "0"])
     try:
-        port = int(floor.stdout.readline().rsplit(" ", 1)[1])
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
             for _ in range(50):
                 stub.Sample(pb.SampleRequest(count=1))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
-from bench.common import median, save  # noqa: E402
+from bench.common import median, process_cpu_s, save  # noqa: E402
 from dcgan_core import DEVICES  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
@@ -85,12 +85,6 @@ def concurrent_clients(target: str, clients: int, seconds: float, request: pb.Sa
         return len(latencies) * request.count / elapsed, latencies
 
     return asyncio.run(run())
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from Linux /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def costed(measure: Callable[[], Measurement], server: subprocess.Popen,

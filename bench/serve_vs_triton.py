@@ -20,12 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import cpu_model, median, save  # noqa: E402
+from bench.common import cpu_model, median, proc_stat, save  # noqa: E402
 from bench.oip_vs_triton import TRITON_VENV, measure, served_version, start_triton, triton_python  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
 
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 PER_CORE = ["--reuse-port", "--batch-workers", "1", "--ort-threads", "1"]
 
 
@@ -35,10 +34,9 @@ def tree_cpu_s(roots: list[int]) -> float:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = proc_stat(entry / "stat")
             except OSError:
                 continue  # gone meanwhile
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S)
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in stats.items():
         children.setdefault(parent, []).append(pid)

@@ -285,3 +285,20 @@ def test_undecodable_requests_of_every_service_are_invalid_argument(channel, met
         call(b"\xff\xff\xff", timeout=30)
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"request bytes of {method} do not parse" in failed.value.details()
+
+
+
+def test_made_up_method_names_are_not_remembered():
+    """The guarded generic handler keeps one entry per method it serves; a client sending made-up
+    method names must not grow it."""
+    from types import SimpleNamespace
+
+    from serving.server.decoding import _GuardedGeneric
+
+    inner = grpc.method_handlers_generic_handler(
+        "t.S", {"M": grpc.unary_unary_rpc_method_handler(lambda r, c: r, request_deserializer=bytes)})
+    generic = _GuardedGeneric(inner)
+    assert generic.service(SimpleNamespace(method="/t.S/M")) is generic.service(SimpleNamespace(method="/t.S/M"))
+    for i in range(100):
+        assert generic.service(SimpleNamespace(method=f"/made/up{i}")) is None
+    assert list(generic._handlers) == ["/t.S/M"]

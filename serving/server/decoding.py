@@ -69,15 +69,17 @@ def guarded(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMetho
 
 
 class _GuardedGeneric(grpc.GenericRpcHandler):
-    """A generic handler's answers, guarded once per method."""
+    """A generic handler's answers, guarded once per method it serves (method names clients make
+    up are answered None and never remembered: the table stays as small as the API)."""
 
     def __init__(self, inner: grpc.GenericRpcHandler):
         self._inner, self._handlers = inner, {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if details.method not in self._handlers:
-            self._handlers[details.method] = guarded(self._inner.service(details), details.method)
-        return self._handlers[details.method]
+        handler = self._handlers.get(details.method)
+        if handler is None and (handler := guarded(self._inner.service(details), details.method)) is not None:
+            self._handlers[details.method] = handler
+        return handler
 
 
 class GuardedRegistry:

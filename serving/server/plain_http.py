@@ -60,6 +60,14 @@ def _scale(request: web.Request) -> int:
     return scale
 
 
+def _sample_spec(request: web.Request, model: str, **controls) -> SampleSpec:
+    """The sampling query of sample.png and samples: count, seed, label, truncation, version."""
+    label = query(request, "label", int)
+    return SampleSpec(query(request, "count", int, 16), query(request, "seed", int), None,
+                      () if label is None else (label,), query(request, "truncation", float), model=model,
+                      version=query(request, "version", int, 0), encoding="float32", **controls)
+
+
 def card_json(card: ModelCard) -> dict:
     return {**dataclasses.asdict(card),
             "versions": [{k: v for k, v in dataclasses.asdict(version).items() if k != "manifest_json"}
@@ -104,11 +112,7 @@ class PlainRoutes:
         model = request.match_info["model"]
 
         async def work() -> web.Response:
-            label = query(request, "label", int)
-            spec = SampleSpec(query(request, "count", int, 16), query(request, "seed", int), None,
-                              () if label is None else (label,), query(request, "truncation", float), model=model,
-                              version=query(request, "version", int, 0), encoding="float32")
-            scale = _scale(request)
+            spec, scale = _sample_spec(request, model), _scale(request)
             result = await self.service.sample(spec, call_of(request))
             grid = images.make_grid(images.model_to_uint8(result.samples))
             return picture(grid, scale, {"X-Seed": str(result.seed), "X-Model-Version": str(result.manifest.version)})
@@ -165,12 +169,8 @@ class PlainRoutes:
         model = request.match_info["model"]
 
         async def work() -> web.Response:
-            label = query(request, "label", int)
-            spec = SampleSpec(query(request, "count", int, 16), query(request, "seed", int), None,
-                              () if label is None else (label,), query(request, "truncation", float),
-                              query(request, "min_score", float), query(request, "keep_top", float),
-                              include_scores=True, model=model, version=query(request, "version", int, 0),
-                              encoding="float32")
+            spec = _sample_spec(request, model, min_score=query(request, "min_score", float),
+                                keep_top=query(request, "keep_top", float), include_scores=True)
             scale = _scale(request)
             result = await self.service.sample(spec, call_of(request))
             return web.json_response({"model": model, "version": result.manifest.version, "seed": result.seed,

@@ -27,6 +27,11 @@ function query(params) {
   return new URLSearchParams(kept).toString();
 }
 
+// the version picked, or for "latest" the model's latest ready one (0 when it has none)
+function chosenVersion() {
+  return Number($("version").value) || state.card.latest_version;
+}
+
 function modelPath(suffix) {
   return `/v1/models/${encodeURIComponent($("model").value)}/${suffix}`;
 }
@@ -107,7 +112,7 @@ async function showCard() {
     ["classes", card.num_classes ? card.class_names.join(", ") : "none (unconditional)"],
     ["versions", card.versions.map((v) => `${v.version} ${v.state.toLowerCase()}`).join("; ")],
     ["policy", card.version_policy]];
-  const version = Number($("version").value) || card.latest_version;
+  const version = chosenVersion();
   if (version) {
     const manifest = await api(modelPath(`manifest?${query({ version })}`));
     for (const [name, value] of Object.entries(manifest.metrics || {})) {
@@ -220,18 +225,14 @@ function pause() {
 async function score(files) {
   if (!files.length) return;
   const version = $("version").value;
-  const chosen = state.card.versions.find((v) => v.version === (Number(version) || state.card.latest_version));
+  const chosen = state.card.versions.find((v) => v.version === chosenVersion());
   const encoder = Boolean(chosen && chosen.encoder);
-  const form = () => {
-    const data = new FormData();
-    [...files].forEach((file, index) => data.append(`image${index}`, file, file.name));
-    return data;
-  };
+  const form = new FormData();
+  [...files].forEach((file, index) => form.append(`image${index}`, file, file.name));
   await busy($("score-files"), async () => {
-    const scored = await api(modelPath(`score?${query({ anomaly: encoder, version })}`),
-      { method: "POST", body: form() });
+    const scored = await api(modelPath(`score?${query({ anomaly: encoder, version })}`), { method: "POST", body: form });
     const projected = encoder
-      ? await api(modelPath(`project?${query({ version, scale: 4 })}`), { method: "POST", body: form() })
+      ? await api(modelPath(`project?${query({ version, scale: 4 })}`), { method: "POST", body: form })
       : null;
     renderScores([...files], scored, projected);
   });
