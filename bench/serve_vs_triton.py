@@ -1,7 +1,7 @@
 """Per-call cost against Triton: the same client program (bench/oip_load.py, tritonclient over the
 Open Inference Protocol's gRPC) against Triton (PyTriton, the same generator.onnx, its dynamic
-batcher), dcgan-serve with default flags, and dcgan-serve as one process per core sharing the
-port (``--reuse-port --batch-workers 1 --ort-threads 1``). Loads: 64 single-image clients, and
+batcher), dcgan-serve with default flags, and dcgan-serve as several processes sharing the ports
+(``--processes N``, with its default batch workers, and with ``--batch-workers 1``). Loads: 64 single-image clients, and
 one client asking for 256 images per request. Besides images/s and latency, each run records
 the server's CPU time (its whole process tree: Triton's stub processes included) per call.
 Interleaved repeats, medians, ratios of one run (bench/results/serve_vs_triton.json).
@@ -25,7 +25,7 @@ from bench.oip_vs_triton import TRITON_VENV, measure, served_version, start_trit
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
 
-PER_CORE = ["--reuse-port", "--batch-workers", "1", "--ort-threads", "1"]
+ONE_WORKER = ["--batch-workers", "1"]
 
 
 def tree_cpu_s(roots: list[int]) -> float:
@@ -48,15 +48,11 @@ def tree_cpu_s(roots: list[int]) -> float:
     return total
 
 
-def start_dcgan(repository: str, copies: int) -> tuple[list[subprocess.Popen], int]:
-    """dcgan-serve with default flags (copies 1), or ``copies`` processes sharing one port."""
+def start_dcgan(repository: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    """dcgan-serve with ``flags`` (with --processes, the supervisor: its workers are its children)."""
     base = ["--repository", repository, "--metrics-port", "-1", "--http-port", "-1"]
-    first, ports = processes.start_server([*base, *(PER_CORE if copies > 1 else [])], stderr=subprocess.DEVNULL)
-    started = [first]
-    for _ in range(copies - 1):
-        process, _ = processes.start_server([*base, *PER_CORE, "--port", str(ports.grpc)], stderr=subprocess.DEVNULL)
-        started.append(process)
-    return started, ports.grpc
+    process, ports = processes.start_server([*base, *flags], stderr=subprocess.DEVNULL)
+    return process, ports.grpc
 
 
 def main() -> None:
@@ -68,7 +64,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
-                        help="processes of the shared-port peer (default: one per core)")
+                        help="dcgan-serve --processes of the multi-process peers (default: one per core)")
     parser.add_argument("--triton-venv", type=Path, default=TRITON_VENV)
     args = parser.parse_args()
     triton_py = triton_python(args.triton_venv)
@@ -76,16 +72,16 @@ def main() -> None:
     started: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            default, default_port = start_dcgan(args.repository, 1)
-            shared, shared_port = start_dcgan(args.repository, args.processes)
-            started += default + shared
-            version = served_version(default_port, args.model)
+            several = ["--processes", str(args.processes)]
+            variants = {" ".join(["dcgan-serve", *flags]): flags for flags in ([], several, [*several, *ONE_WORKER])}
+            servers = {name: start_dcgan(args.repository, flags) for name, flags in variants.items()}
+            started += [process for process, _ in servers.values()]
+            version = served_version(servers["dcgan-serve"][1], args.model)
             onnx = Repository(Path(args.repository)).version_dir(args.model, version) / "generator.onnx"
             triton, ports = start_triton(triton_py, onnx, args.model, Path(scratch) / "triton.log")
             started.append(triton)
             peers = {"triton": ([triton.pid], ports["grpc"]),
-                     "dcgan-serve": ([p.pid for p in default], default_port),
-                     f"dcgan-serve x{args.processes}": ([p.pid for p in shared], shared_port)}
+                     **{name: ([process.pid], port) for name, (process, port) in servers.items()}}
             runs = {load: {peer: [] for peer in peers} for load in loads}
             for repeat in range(args.repeats):
                 for load, (clients, count) in loads.items():
@@ -96,7 +92,7 @@ def main() -> None:
                         calls = result["requests_per_s"] * args.seconds
                         result["server_core_ms_per_call"] = 1000 * (tree_cpu_s(pids) - before) / calls
                         runs[load][peer].append(result)
-                        print(f"repeat {repeat + 1}/{args.repeats} {load:>6} {peer:<16} "
+                        print(f"repeat {repeat + 1}/{args.repeats} {load:>6} {peer:<52} "
                               f"{result['images_per_s']:7.0f} img/s  p99 {result['p99_ms']:6.1f} ms  "
                               f"{result['server_core_ms_per_call']:.3f} server core-ms/call", flush=True)
         finally:
@@ -110,10 +106,10 @@ def main() -> None:
                      for peer in peers if peer != "triton"} for load in loads}
     for load, named in ratios.items():
         for peer, ratio in named.items():
-            print(f"{load:>6} {peer:<16} {ratio:5.2f}x Triton")
+            print(f"{load:>6} {peer:<52} {ratio:5.2f}x Triton")
     save("serve_vs_triton", {"cpu": cpu_model(), "model": f"{args.model}/{version}", "seconds": args.seconds,
                              "repeats": args.repeats, "client": "bench/oip_load.py tritonclient-grpc",
-                             "shared_port_flags": PER_CORE, "median": medians, "ratios_vs_triton": ratios,
+                             "variants": variants, "median": medians, "ratios_vs_triton": ratios,
                              "runs": runs})
 
 

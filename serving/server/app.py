@@ -32,7 +32,7 @@ from dcgan_core import helptext, settings
 from dcgan_core.repository import Repository, RepositoryError, RepositoryUnavailable
 from serving import security
 from serving.processes import Ports
-from serving.server import http_api
+from serving.server import http_api, supervisor
 from serving.server.config import ServeConfig, ServeConfigError, load_serve_config
 from serving.server.decoding import GuardedRegistry
 from serving.server.errors import FailedPrecondition, ServiceError, Unavailable
@@ -59,7 +59,7 @@ class InferenceServer:
         self.metrics = ServingMetrics()
         self.store = ModelStore(Repository(config.repository), config, self.metrics)
         self.store.load()
-        self.service = InferenceService(self.store, config, reload=self.reload)
+        self.service = InferenceService(self.store, config, reload=self.reload_everywhere)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name=LOOP_THREAD, daemon=True)
         self._loop_thread.start()
@@ -136,6 +136,14 @@ class InferenceServer:
             raise FailedPrecondition(f"{exc}; everything else was reloaded") from None
         finally:
             self.update_health()
+
+    def reload_everywhere(self) -> None:
+        """``reload`` for the ReloadModels RPC: this process now, and under ``--processes`` every
+        other worker too (the supervisor passes a SIGHUP on to them all)."""
+        try:
+            self.reload()
+        finally:
+            supervisor.tell_supervisor_to_reload()
 
     def reload_logged(self) -> None:
         """``reload`` for SIGHUP, where nobody receives a status: problems go to the log."""
@@ -222,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     signals = _SignalState.install()  # before loading: a SIGHUP or SIGTERM during start-up must not kill
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
     try:
         config = load_serve_config(config_file, args)
+        if config.processes > 1:
+            return supervisor.run(config, sys.argv[1:] if argv is None else argv)
         log.info("starting: loading models from %s", config.repository)
         server = InferenceServer(config).start()
     except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:

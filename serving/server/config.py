@@ -74,6 +74,9 @@ class ServeConfig:
     batch_workers: int = setting(0, "threads running batches per network (0: one per CPU core, 1 on CUDA)")
     ort_threads: int = setting(0, "onnxruntime intra-op threads per session (0: 1 with several workers, "
                                   "else onnxruntime's choice)")
+    processes: int = setting(1, "server processes sharing the ports, each with its own event loop and batcher, "
+                                "under one supervisor: one metrics port, signals passed on, dead workers "
+                                "restarted (each takes --batch-workers; see README, per-call cost)")
     reuse_port: bool = setting(False, "share the gRPC port with other dcgan-serve processes (SO_REUSEPORT: the "
                                       "kernel spreads connections over them); off, a port in use is an error")
     http_port: int = setting(8080, "HTTP port: the Open Inference Protocol's REST API (0: a free port, -1: off)")
@@ -92,7 +95,7 @@ class ServeConfig:
         return self.max_message_mb * 1024 * 1024
 
     def validate(self) -> "ServeConfig":
-        for key in ("port", "max_batch_size", "max_queue", "max_count", "max_score_images",
+        for key in ("port", "processes", "max_batch_size", "max_queue", "max_count", "max_score_images",
                     "max_candidates", "max_message_mb", "stream_chunk_size"):
             if getattr(self, key) < 1 and not (key == "port" and self.port == 0):
                 raise ServeConfigError(f"{key} = {getattr(self, key)} must be >= 1")
