@@ -26,14 +26,21 @@ import numpy as np
 
 Call = Callable[[], None]
 LATENT_SEED = 0
+MAX_MESSAGE = 64 * 1024 * 1024
+# gRPC shares one connection among channels with the same target and arguments (its global
+# subchannel pool): 64 client threads would be 64 streams on one connection, unlike 64 clients,
+# and a server of several processes on one port would see one of them busy and the rest idle.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", MAX_MESSAGE),
+                  ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
 def tritonclient_call(protocol: str, target: str, model: str, count: int, latent: int) -> Call:
     if protocol == "grpc":
         import tritonclient.grpc as triton
+        client = triton.InferenceServerClient(target, channel_args=OWN_CONNECTION)
     else:
         import tritonclient.http as triton
-    client = triton.InferenceServerClient(target)
+        client = triton.InferenceServerClient(target)
     z = triton.InferInput("z", [count, latent], "FP32")
     z.set_data_from_numpy(np.random.default_rng(LATENT_SEED).standard_normal((count, latent), np.float32))
     outputs = [triton.InferRequestedOutput("images")]
@@ -45,7 +52,7 @@ def dcgan_v1_call(target: str, model: str, count: int) -> Call:
     from dcgan.v1 import inference_pb2 as pb
     from dcgan.v1 import inference_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target))
+    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target, options=OWN_CONNECTION))
     request = pb.SampleRequest(model=model, count=count, seed=LATENT_SEED, encoding=pb.ENCODING_RAW_UINT8)
     return lambda: stub.Sample(request)
 
@@ -55,7 +62,7 @@ def dcgan_v1_score_call(target: str, model: str, count: int) -> Call:
     from dcgan.v1 import inference_pb2 as pb
     from dcgan.v1 import inference_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target))
+    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(target, options=OWN_CONNECTION))
     pixels = np.random.default_rng(LATENT_SEED).integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
     request = pb.ScoreRequest(model=model, tensor=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=pixels.shape,
                                                             data=pixels.tobytes()))
@@ -67,7 +74,7 @@ def oip_grpc_call(target: str, model: str, count: int) -> Call:
     from dcgan.oip import grpc_predict_v2_pb2 as oip
     from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 
-    stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target, options=OWN_CONNECTION))
     request = oip.ModelInferRequest(model_name=model, outputs=[{"name": "images"}])
     request.parameters["seed"].int64_param, request.parameters["count"].int64_param = LATENT_SEED, count
     return lambda: stub.ModelInfer(request)

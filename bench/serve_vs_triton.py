@@ -25,7 +25,7 @@ from bench.oip_vs_triton import TRITON_VENV, measure, served_version, start_trit
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
 
-ONE_WORKER = ["--batch-workers", "1"]
+ONE_WORKER = ["--batch-workers", "1", "--ort-threads", "1"]
 
 
 def tree_cpu_s(roots: list[int]) -> float:

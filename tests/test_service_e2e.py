@@ -265,3 +265,23 @@ def test_prometheus_metrics_during_traffic(server, client):
                  "dcgan_compute_seconds_bucket", "dcgan_batch_size_bucket", "dcgan_queue_depth"):
         assert name in text, name
     assert 'dcgan_model_version_loaded{model="tiny",provider="CPUExecutionProvider",version="1"} 1.0' in text
+
+
+def test_garbage_collections_are_timed_into_metrics_until_the_server_stops(serving_repo):
+    import gc
+    import urllib.request
+
+    def full_collections(port: int) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('dcgan_gc_pause_seconds_count{generation="2"}'))
+
+    callbacks = len(gc.callbacks)
+    server = start_server(serving_repo, poll_s=0)
+    try:
+        before = full_collections(server.metrics_port)
+        gc.collect()  # a full collection in the server's process (the test's own)
+        assert full_collections(server.metrics_port) >= before + 1
+    finally:
+        server.stop(grace=1)
+    assert len(gc.callbacks) == callbacks  # a stopped server no longer times this process's collections

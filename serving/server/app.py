@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import signal
 import ssl
@@ -72,6 +73,7 @@ class InferenceServer:
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self._http = None  # the HTTP front end's aiohttp runner, once started
+        self._unwatch_gc = self.metrics.watch_gc()
         self.watcher = RepositoryWatcher(self.store, config.poll_s, self.update_health) if config.poll_s else None
 
     def _run_loop(self) -> None:
@@ -212,6 +214,7 @@ class InferenceServer:
         self._on_loop(self.server.stop(0))
         self._close_loop()
         self.store.close()
+        self._unwatch_gc()
         log.info("stopped")
 
 
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ServeConfigError, RepositoryError, RuntimeUnavailable, OSError) as exc:
         print(f"dcgan-serve: error: {exc}", file=sys.stderr)
         return 2
+    if config.gc_freeze:
+        gc.freeze()  # modules, models and servicers live as long as the process: no collection need scan them
     print(Ports(server.port, server.http_port, server.metrics_port).line(), flush=True)
     signals.serve(server)
     server.stop()

@@ -77,6 +77,9 @@ class ServeConfig:
     processes: int = setting(1, "server processes sharing the ports, each with its own event loop and batcher, "
                                 "under one supervisor: one metrics port, signals passed on, dead workers "
                                 "restarted (each takes --batch-workers; see README, per-call cost)")
+    gc_freeze: bool = setting(True, "after start-up, keep the objects alive then out of the garbage collector's "
+                                    "scans (gc.freeze): its full collections then pause calls ~5 ms, not ~40 "
+                                    "(bench/results/gc_pauses.json)")
     reuse_port: bool = setting(False, "share the gRPC port with other dcgan-serve processes (SO_REUSEPORT: the "
                                       "kernel spreads connections over them); off, a port in use is an error")
     http_port: int = setting(8080, "HTTP port: the Open Inference Protocol's REST API (0: a free port, -1: off)")
