@@ -45,6 +45,7 @@ def interface(manifest: Any) -> dict[str, Any]:
         "generator output": [manifest.generator.output_name, list(manifest.generator.output_shape)],
         "discriminator input": [manifest.discriminator.input_name, list(manifest.discriminator.input_shape)],
         "discriminator output": [manifest.discriminator.output_name, list(manifest.discriminator.output_shape)],
+        "discriminator source input": manifest.discriminator.source_input,
         "number of classes": manifest.num_classes,
         "class names": list(manifest.class_names),
     }
@@ -83,6 +84,10 @@ GATES = {
     "consistency": Gate(higher_is_better=True, noise=0.01),
     "modes_covered": Gate(higher_is_better=True, noise=0.0),
     "high_quality": Gate(higher_is_better=True, noise=0.01),
+    # Translation models, on held-out MNIST test digits (training/translation.py): the share whose
+    # class survives and PSNR, with margins of the order of their spread between runs' epochs.
+    "class_kept": Gate(higher_is_better=True, noise=0.005),
+    "psnr": Gate(higher_is_better=True, noise=0.2),
 }
 
 

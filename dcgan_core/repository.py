@@ -29,7 +29,7 @@ REPOSITORY_CONFIG = "repository.json"
 CONFIG_SHAPE = '{"default_model": NAME, "pins": {NAME: VERSION}}'  # repository.json; both keys optional
 CONFIG_LOCK = ".repository.lock"  # held while repository.json is read, changed and replaced
 ENVIRONMENT = "DCGAN_REPOSITORY"  # names the repository when no flag does
-KINDS = ("dcgan", "toy2d")
+KINDS = ("dcgan", "toy2d", "translation")
 
 
 STAGING_PREFIX = ".staging-"
@@ -60,6 +60,7 @@ class NetworkSpec:
     output_shape: list[int | None]
     sha256: str
     label_input: str = ""  # class-conditional networks: the name of their int64 [N] class input
+    source_input: str = ""  # translation discriminators: the name of their source-image input (G's input shape)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Manifest:
 
     name: str
     version: int
-    kind: str  # dcgan | toy2d
+    kind: str  # dcgan | toy2d | translation
     latent_size: int
     sample_shape: list[int]  # (C, H, W) for dcgan, (2,) for toy2d
     value_range: list[float]
@@ -92,11 +93,11 @@ class Manifest:
 
     @property
     def channels(self) -> int:
-        return self.sample_shape[0] if self.kind == "dcgan" else 0
+        return self.sample_shape[0] if self.kind != "toy2d" else 0
 
     @property
     def image_size(self) -> int:
-        return self.sample_shape[-1] if self.kind == "dcgan" else 0
+        return self.sample_shape[-1] if self.kind != "toy2d" else 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -136,7 +137,8 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
         spec = need(net, dict)
         networks[net] = NetworkSpec(**{key: need(key, kind, spec, f"{net}.") for key, kind in [
             ("file", str), ("input_name", str), ("input_shape", list), ("output_name", str),
-            ("output_shape", list), ("sha256", str)]}, label_input=str(spec.get("label_input", "")))
+            ("output_shape", list), ("sha256", str)]}, label_input=str(spec.get("label_input", "")),
+            source_input=str(spec.get("source_input", "")))
     classes, names = data.get("num_classes", 0), data.get("class_names", [])  # absent in older manifests
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
         raise RepositoryError(f"{where}: manifest field 'num_classes' must be an integer >= 0")

@@ -24,6 +24,7 @@ from training.data import DataError
 from training.encoder import encoder_run
 from training.gan_step import gan_run
 from training.run_loop import TrainingDiverged
+from training.translation import translation_run
 
 log = logging.getLogger("dcgan-train")
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="dcgan-dry-run-"))
                 overrides = [dry, {"run": {"run_dir": run_dir}}] + overrides
             config = load_config(args.preset, args.config, overrides)
-            trainer = (encoder_run if config.encoder.source else gan_run)(config, force=args.force)
+            run = encoder_run if config.encoder.source else translation_run if config.kind == "translation" else gan_run
+            trainer = run(config, force=args.force)
             if not trainer.world.main:  # under torchrun rank 0 speaks for the job
                 logging.getLogger().setLevel(logging.WARNING)
             log.info("run %s: %s on %s (%s), %d steps/epoch, step %d of %d", config.run.run_dir, config.kind,

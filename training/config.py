@@ -14,6 +14,8 @@ from dcgan_core.settings import SettingsError, setting
 
 TOY_DATASETS = ("ring", "grid")
 IMAGE_DATASETS = ("mnist", "folder", "synthetic")
+TRANSLATION_DATASETS = ("mnist-sr4", "mnist-edges", "paired")  # (source, target) pairs: training/translation.py
+DIRECTIONS = ("AtoB", "BtoA")
 IMAGE_SIZES = (28, 32, 64)
 LR_DECAYS = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -25,14 +27,17 @@ class ConfigError(SettingsError):
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("mnist", "what to learn: MNIST digits, a folder of images, or a 2-D toy",
-                           choices=TOY_DATASETS + IMAGE_DATASETS)
+    dataset: str = setting("mnist", "what to learn: MNIST digits, a folder of images, a 2-D toy, or pairs to "
+                                    "translate (MNIST block means or edges to digits, a paired folder)",
+                           choices=TOY_DATASETS + IMAGE_DATASETS + TRANSLATION_DATASETS)
     path: str = setting("../shared/datasets/mnist", "the data: MNIST's IDX files or the image folder")
     image_size: int = setting(28, "image side in pixels", choices=IMAGE_SIZES)
     channels: int = setting(1, "1 (gray) or 3 (RGB)", choices=(1, 3))
     download: bool = setting(False, "MNIST only: fetch missing files (verified) instead of failing")
     toy_epoch_samples: int = setting(65536, "toy data is sampled fresh; this many samples make an epoch")
     synthetic_samples: int = setting(256, "size of the random dataset used by --dry-run")
+    direction: str = setting("AtoB", "paired folders (A | B side by side): translate A to B, or B to A",
+                             choices=DIRECTIONS)
     hold_out: list = setting([], "MNIST digits left out of training, e.g. 3 or 3,8: a model that never saw "
                                  "them, for measuring how anomaly scores treat a class they did not learn")
 
@@ -70,6 +75,9 @@ class LossConfig:
     label_smoothing: float = setting(0.0, "one-sided: real targets become 1 - label_smoothing")
     gp_weight: float = setting(10.0, "wgan-gp only")
     top_k: float = setting(1.0, "G learns from this share of its batch that D rates most real (1: all)")
+    l1_weight: float = setting(100.0, "translation: weight of |G(source) - target|_1 beside the GAN loss (pix2pix's "
+                                      "lambda)")
+    adversarial: bool = setting(True, "translation: false trains G on L1 alone (no discriminator): the baseline")
 
 
 @dataclass
@@ -114,20 +122,29 @@ class TrainConfig:
 
     @property
     def kind(self) -> str:
-        """``toy2d`` for the dense 2-D GAN, ``dcgan`` for image models."""
-        return "toy2d" if self.data.dataset in TOY_DATASETS else "dcgan"
+        """``toy2d`` for the dense 2-D GAN, ``translation`` for image-to-image models, ``dcgan`` for
+        the other image models."""
+        if self.data.dataset in TOY_DATASETS:
+            return "toy2d"
+        return "translation" if self.data.dataset in TRANSLATION_DATASETS else "dcgan"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
         d, m, o, loss, r = self.data, self.model, self.optim, self.loss, self.run
-        _check(d.dataset in TOY_DATASETS + IMAGE_DATASETS, "data.dataset", d.dataset,
-               f"one of {', '.join(TOY_DATASETS + IMAGE_DATASETS)}")
+        datasets = TOY_DATASETS + IMAGE_DATASETS + TRANSLATION_DATASETS
+        _check(d.dataset in datasets, "data.dataset", d.dataset, f"one of {', '.join(datasets)}")
         _check(d.image_size in IMAGE_SIZES, "data.image_size", d.image_size, f"one of {IMAGE_SIZES}")
         _check(d.channels in (1, 3), "data.channels", d.channels, "1 or 3")
-        _check(not (d.dataset == "mnist" and (d.channels, d.image_size) != (1, 28)),
+        _check(not (d.dataset.startswith("mnist") and (d.channels, d.image_size) != (1, 28)),
                "data.channels/image_size", (d.channels, d.image_size), "(1, 28) for MNIST")
+        _check(d.dataset != "paired" or bool(d.path), "data.path", d.path, "a folder with train/ (and val/, test/)")
+        _check(d.direction in DIRECTIONS, "data.direction", d.direction, " or ".join(DIRECTIONS))
+        _check(self.kind != "translation" or m.num_classes == 0, "model.num_classes", m.num_classes,
+               "0 for translation models (the source image is their condition)")
+        _check(loss.l1_weight >= 0 and (loss.adversarial or loss.l1_weight > 0), "loss.l1_weight", loss.l1_weight,
+               ">= 0, and > 0 without the adversarial loss")
         _check(d.dataset != "folder" or bool(d.path), "data.path", d.path, "a folder of images")
         _check(not d.hold_out or (d.dataset == "mnist" and not m.num_classes), "data.hold_out", d.hold_out,
                "empty, except for unconditional MNIST models")
@@ -162,9 +179,9 @@ class TrainConfig:
         _check(r.max_steps >= 0, "run.max_steps", r.max_steps, ">= 0")
         _check(r.eval_every >= 0, "run.eval_every", r.eval_every, ">= 0")
         _check(r.eval_samples >= 100, "run.eval_samples", r.eval_samples, ">= 100")
-        _check(r.eval_every == 0 or self.kind == "toy2d" or (d.channels, d.image_size) == (1, 28),
+        _check(r.eval_every == 0 or self.kind != "dcgan" or (d.channels, d.image_size) == (1, 28),
                "run.eval_every", r.eval_every,
-               "0 unless the data is a toy or the images are 1x28x28 (the metrics' MNIST classifier)")
+               "0 unless the data is a toy, pairs to translate, or 1x28x28 images (the metrics' MNIST classifier)")
         _check(0 <= r.seed <= SEED_MAX, "run.seed", r.seed, f"an integer in 0..{SEED_MAX}")
         _check(bool(r.run_dir) and not Path(r.run_dir).is_file(), "run.run_dir", r.run_dir,
                "a directory (this names an existing file)")
@@ -234,6 +251,19 @@ PRESETS["mnist-cond"] = {
     "model": {**PRESETS["mnist"]["model"], "num_classes": 10},
     "run": {**PRESETS["mnist"]["run"], "run_dir": "runs/mnist-cond", "epochs": 7},
 }
+
+# pix2pix on MNIST (training/translation.py): U-Net G, PatchGAN D with spectral norm, hinge loss,
+# L1 weight 100 (pix2pix's lambda), Adam 2e-4 / (0.5, 0.999), rates decayed linearly, evaluated
+# (FD, class kept, PSNR on held-out test digits) every epoch; best.pt keeps the lowest FD.
+_TRANSLATION = {
+    "model": {"ngf": 32, "ndf": 32},
+    "optim": {"batch_size": 64, "lr_g": 2e-4, "lr_d": 2e-4, "lr_decay": "linear"},
+    "loss": {"name": "hinge", "l1_weight": 100.0},
+    "run": {"epochs": 3, "ema_decay": 0.0, "eval_every": 1, "eval_samples": 2000, "checkpoint_every": 1000},
+}
+for _task in ("mnist-sr4", "mnist-edges"):
+    PRESETS[_task] = {**_TRANSLATION, "data": {"dataset": _task, "image_size": 28, "channels": 1},
+                      "run": {**_TRANSLATION["run"], "run_dir": f"runs/{_task}"}}
 
 # The f-AnoGAN encoder stage for a trained MNIST GAN (name it with --set encoder.source=RUN_DIR):
 # the data and networks are the source run's; evaluated every epoch on 2000 test digits.

@@ -133,7 +133,7 @@ def load_image_folder(directory: Path, size: int, channels: int, progress: bool 
     """
     if not directory.is_dir():
         raise DataError(f"image folder {directory} does not exist")
-    return _decode_all(_image_paths(directory), size, channels, progress, directory)[0]
+    return _decode_all(image_paths(directory), size, channels, progress, directory)[0]
 
 
 def load_labelled_folder(directory: Path, size: int, channels: int,
@@ -146,13 +146,13 @@ def load_labelled_folder(directory: Path, size: int, channels: int,
     if not names:
         raise DataError(f"image folder {directory} has no class sub-folders; model.num_classes > 0 needs "
                         f"one sub-folder per class (or set model.num_classes = 0)")
-    paths = [(path, label) for label, name in enumerate(names) for path in _image_paths(directory / name)]
+    paths = [(path, label) for label, name in enumerate(names) for path in image_paths(directory / name)]
     pixels, kept = _decode_all([p for p, _ in paths], size, channels, progress, directory)
     labels = np.array([paths[i][1] for i in kept], dtype=np.int64)
     return pixels, labels, names
 
 
-def _image_paths(directory: Path) -> list[Path]:
+def image_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 

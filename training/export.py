@@ -24,7 +24,7 @@ from torch import nn
 from dcgan_core import images, publishing
 from dcgan_core.latents import latents
 from dcgan_core.repository import Manifest, NetworkSpec, Repository, sha256_file
-from training import checkpoint, quality
+from training import checkpoint, quality, translation
 from training.config import TrainConfig
 from training.encoder import OUTPUTS, AnomalyScorer, Encoder, calibration
 from training.models import build_models, recalibrate_batchnorm
@@ -40,6 +40,7 @@ GENERATOR_FILE, DISCRIMINATOR_FILE, ENCODER_FILE = "generator.onnx", "discrimina
 SCORER_ATOL = 1e-4
 PARITY_BATCHES = (1, 7, 64)
 LABEL_INPUT = "labels"  # int64 [N] class input of both conditional networks
+TRANSLATION_SOURCE = "source"  # float32 source images: a translation G's input, its D's second input
 
 
 class ExportError(RuntimeError):
@@ -71,6 +72,11 @@ def load_run(run_dir: Path, use_ema: bool = True, checkpoint_name: str = checkpo
     """The networks of a run's checkpoint on CPU, in eval mode."""
     saved = checkpoint.load(Path(run_dir) / checkpoint_name)
     config = saved.train_config
+    if config.kind == "translation":  # its own networks, no EMA
+        generator, discriminator = translation.build_translation_models(config)
+        generator.load_state_dict(saved.network("generator"))
+        discriminator.load_state_dict(saved.network("discriminator"))
+        return LoadedRun(config, generator.eval(), discriminator.eval(), saved.step, Path(run_dir))
     generator, discriminator = build_models(config)
     discriminator.load_state_dict(saved.network("discriminator"))
     if use_ema and saved.model.get("ema") is not None:
@@ -131,9 +137,17 @@ def _compare(where: str, size: int, actual: np.ndarray, expected: np.ndarray, op
 
 
 def _parity_inputs(config: TrainConfig) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, ...]]]:
-    """(latents[, labels]) for G and (model-range inputs[, labels]) for D, per parity batch size."""
-    z = [latents(1000 + n, n, config.model.latent_size) for n in PARITY_BATCHES]
+    """(latents[, labels]) for G and (model-range inputs[, labels]) for D, per parity batch size;
+    for a translation model (sources) for G and (images, sources) for D."""
     rng = np.random.default_rng(0)
+    if config.kind == "translation":
+        d, side = config.data, translation.source_size(config)
+        sources = [images.uint8_to_model(rng.integers(0, 256, (n, d.channels, side, side), dtype=np.uint8))
+                   for n in PARITY_BATCHES]
+        x = [images.uint8_to_model(rng.integers(0, 256, (n, d.channels, d.image_size, d.image_size), dtype=np.uint8))
+             for n in PARITY_BATCHES]
+        return [(s,) for s in sources], list(zip(x, sources))
+    z = [latents(1000 + n, n, config.model.latent_size) for n in PARITY_BATCHES]
     if config.kind == "toy2d":
         x = [rng.normal(0, 2, (n, 2)).astype(np.float32) for n in PARITY_BATCHES]
     else:
@@ -158,14 +172,20 @@ def draft_manifest(name: str, run: LoadedRun, options: ExportOptions, files: Pat
     sample_shape = [2] if config.kind == "toy2d" else [config.data.channels, config.data.image_size,
                                                        config.data.image_size]
     label_input = [LABEL_INPUT] if config.model.num_classes else []
-    spec = lambda file, i, o, i_shape, o_shape: NetworkSpec(  # noqa: E731
-        file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(files / file) if files else "", *label_input)
+    spec = lambda file, i, o, i_shape, o_shape, *extra: NetworkSpec(  # noqa: E731
+        file, i, [None, *i_shape], o, [None, *o_shape], sha256_file(files / file) if files else "", *label_input,
+        *extra)
+    translating = config.kind == "translation"
+    latent_size = 0 if translating else config.model.latent_size
+    side = translation.source_size(config) if translating else 0
+    g_input = (TRANSLATION_SOURCE, [config.data.channels, side, side]) if translating else ("z", [latent_size])
     return Manifest(
-        name=name, version=0, kind=config.kind, latent_size=config.model.latent_size,
+        name=name, version=0, kind=config.kind, latent_size=latent_size,
         sample_shape=sample_shape, value_range=list(images.VALUE_RANGE),
         opset=_opset(files / GENERATOR_FILE) if files else 0,
-        generator=spec(GENERATOR_FILE, "z", "samples", [config.model.latent_size], sample_shape),
-        discriminator=spec(DISCRIMINATOR_FILE, "samples", "logits", sample_shape, []),
+        generator=spec(GENERATOR_FILE, g_input[0], "samples", g_input[1], sample_shape),
+        discriminator=spec(DISCRIMINATOR_FILE, "samples", "logits", sample_shape, [],
+                           *(["", TRANSLATION_SOURCE] if translating else [])),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source_run=str(run.run_dir.resolve()),
         training={"config": config.to_dict(), "step": run.step, "checkpoint": options.checkpoint_name,
@@ -174,6 +194,35 @@ def draft_manifest(name: str, run: LoadedRun, options: ExportOptions, files: Pat
         metrics=metrics or {}, num_classes=config.model.num_classes, class_names=list(config.model.class_names),
         encoder=spec(ENCODER_FILE, "samples", OUTPUTS["score"], sample_shape, []) if run.scorer else None,
         anomaly=anomaly or {})
+
+
+def _protocol(config: TrainConfig, latest: Manifest | None) -> dict[str, int]:
+    """The latest version's protocol (a first version: the default of its kind)."""
+    if latest is None and config.kind == "translation":
+        return dict(translation.PROTOCOL)
+    return publishing.protocol_of(latest.metrics if latest else {})
+
+
+def _figures(run: LoadedRun, protocol: dict[str, int], data_dir: Path) -> dict[str, Any]:
+    if run.config.kind != "translation":
+        return quality.evaluate_generator(run.generator, run.config, protocol, data_dir)
+
+    def translate(sources: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return run.generator(torch.from_numpy(sources)).numpy()
+
+    return translation.figures(translate, run.config, data_dir, protocol)
+
+
+def _incumbent_figures(repository: Repository, latest: Manifest, config: TrainConfig, protocol: dict[str, int],
+                       data_dir: Path) -> dict[str, Any]:
+    """The latest version's figures under ``protocol``: its manifest's, or measured from its files."""
+    if config.kind != "translation" or latest.metrics.get(publishing.PROTOCOL) == protocol:
+        return quality.incumbent_figures(repository, latest, protocol, data_dir)
+    path = repository.version_dir(latest.name, latest.version) / latest.generator.file
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return translation.figures(lambda s: session.run(None, {latest.generator.input_name: s})[0], config, data_dir,
+                               protocol)
 
 
 def export_run(run_dir: Path, repository: Repository, name: str, options: ExportOptions = ExportOptions()) -> Manifest:
@@ -187,23 +236,26 @@ def export_run(run_dir: Path, repository: Repository, name: str, options: Export
         publishing.check_compatible(latest, draft_manifest(name, run, options))
     metrics, incumbent = {}, None
     if options.evaluate:
-        protocol = publishing.protocol_of(latest.metrics if latest else {})
+        protocol = _protocol(run.config, latest)
         log.info("measuring the candidate's figures (%s)", protocol)
-        metrics = quality.evaluate_generator(run.generator, run.config, protocol, options.data_dir)
+        metrics = _figures(run, protocol, options.data_dir)
         if metrics and latest is not None and not options.allow_worse:
-            incumbent = quality.incumbent_figures(repository, latest, protocol, options.data_dir)
+            incumbent = _incumbent_figures(repository, latest, run.config, protocol, options.data_dir)
     z_inputs, x_inputs = _parity_inputs(run.config)
     label_input = [LABEL_INPUT] if run.config.model.num_classes else []
+    g_input, d_inputs = ("z", ["samples", *label_input])
+    if run.config.kind == "translation":
+        g_input, d_inputs = TRANSLATION_SOURCE, ["samples", TRANSLATION_SOURCE]
 
     def build(folder: Path) -> Manifest:
         parity = {}
-        for net, model, inputs, file, (input_name, output_name) in [
-            ("generator", run.generator, z_inputs, GENERATOR_FILE, ("z", "samples")),
-            ("discriminator", run.discriminator, x_inputs, DISCRIMINATOR_FILE, ("samples", "logits")),
+        for net, model, inputs, file, input_names, output_name in [
+            ("generator", run.generator, z_inputs, GENERATOR_FILE, [g_input, *label_input], "samples"),
+            ("discriminator", run.discriminator, x_inputs, DISCRIMINATOR_FILE, d_inputs, "logits"),
         ]:
             log.info("exporting %s to %s", net, file)
             example = tuple(torch.from_numpy(a[:2]) for a in inputs[1])
-            _export(model, example, folder / file, [input_name, *label_input], [output_name])
+            _export(model, example, folder / file, input_names, [output_name])
             parity[net] = check_parity(model, folder / file, inputs, options)
         anomaly = None
         if run.scorer is not None:

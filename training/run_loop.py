@@ -199,12 +199,14 @@ class RunLoop:
         return min(1.0, self.step / self.planned_steps)
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's real images (and labels, for a conditional model) of a global step: the
-        order is a function of the step, which is what makes resume exact."""
+        """This rank's real images and their condition (labels, for a conditional model; source
+        images, for a translation model) of a global step: the order is a function of the step,
+        which is what makes resume exact."""
         epoch, index = divmod(step, self.steps_per_epoch)
         rows = lambda batch: batch[self.world.rows(len(batch))]  # noqa: E731
         real = rows(self.batches.batch(epoch, index)).to(self.device, memory_format=self.model.memory_format)
-        labels = rows(self.batches.labels(epoch, index)).to(self.device) if self.config.model.num_classes else None
+        conditioned = self.config.model.num_classes or self.config.kind == "translation"
+        labels = rows(self.batches.labels(epoch, index)).to(self.device) if conditioned else None
         return real, labels
 
     def train_step(self) -> dict[str, float]:
@@ -229,7 +231,7 @@ class RunLoop:
     def _train(self, stop: _StopRequests, total: int) -> TrainResult:
         spe, stats = self.steps_per_epoch, {}
         batch = self.config.optim.batch_size
-        bar = tqdm(total=total * batch, initial=self.step * batch, unit="img" if self.config.kind == "dcgan" else "pt",
+        bar = tqdm(total=total * batch, initial=self.step * batch, unit="pt" if self.config.kind == "toy2d" else "img",
                    unit_scale=True, disable=not (self.config.run.progress and self.world.main), dynamic_ncols=True,
                    mininterval=0.5)
         if self.world.main:
