@@ -164,6 +164,12 @@ def enlarge(image: Image.Image, scale: int) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def resize_nearest(image_chw: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 CHW image at ``size`` x ``size``, nearest neighbour (a small source shown beside
+    its translation, each source pixel a block)."""
+    return pil_to_chw(to_pil(image_chw).resize((size, size), Image.Resampling.NEAREST))
+
+
 def save_picture(image_chw: np.ndarray, path: str | Path, scale: int = 1) -> None:
     """Write one uint8 CHW image atomically, enlarged ``scale`` times, in the format of its suffix."""
     buffer = io.BytesIO()

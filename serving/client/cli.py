@@ -12,6 +12,7 @@
     dcgan-client walk --from-seed 1 --to-seed 2 --steps 32 --out walk.gif    (or a strip: --out strip.png)
     dcgan-client project a.png --out recon.png            (versions with an encoder: latents, anomaly)
     dcgan-client walk --from-image a.png --to-seed 3 --out walk.gif
+    dcgan-client translate --model mnist-sr4 small.png --out big.png --scale 8   (translation models)
     dcgan-client --local exported/mnist-dcgan/3 sample --count 16 --out grid.png   (no server needed)
 
 The server is --target, else $DCGAN_TARGET, else localhost:50051.
@@ -176,6 +177,30 @@ def _project(client: InferenceClient, args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: the images (top) and their reconstructions (bottom)")
 
 
+def _translate(client: InferenceClient, args: argparse.Namespace) -> None:
+    """Image files through a translation model: one file's translation to --out, several files'
+    sources over their translations as one grid; --scores prints how real D finds each pair."""
+    blobs = [Path(f).read_bytes() for f in args.files]
+    result = client.translate(blobs, model=args.model, version=args.version, scores=args.scores)
+    if args.scores:
+        width = max(len(f) for f in args.files)
+        print(f"{'file':<{width}}  p(real)   logit  ({result.model} v{result.version})")
+        for name, score, logit in zip(args.files, result.scores, result.logits):
+            print(f"{name:<{width}}  {score:7.4f}  {logit:7.3f}")
+    if not args.out:
+        return
+    scale = args.scale or 1
+    if len(blobs) == 1:
+        images.save_picture(result.images[0], args.out, scale)
+        print(f"wrote {args.out}: {args.files[0]} translated by {result.model} v{result.version}")
+        return
+    size = result.images.shape[-1]
+    sources = np.stack([images.resize_nearest(images.decode_image(b, result.images.shape[1]), size) for b in blobs])
+    images.save_picture(images.make_grid(np.concatenate([sources, result.images]), len(blobs)), args.out,
+                        args.scale or images.GRID_SCALE)
+    print(f"wrote {args.out}: the sources (top) and their translations (bottom)")
+
+
 def _figures(manifest_json: str) -> str:
     """A version's gated figures (the publishing gate's list), as key=value."""
     metrics = json.loads(manifest_json).get("metrics", {}) if manifest_json else {}
@@ -253,6 +278,12 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                                                        "files (versions with an encoder)")
     project.add_argument("files", nargs="+")
     project.add_argument("--out", help="the images over their reconstructions (.png, .jpg, .webp, .gif)")
+    translate = helptext.subcommand(commands, "translate", "image files through a translation model "
+                                                           "(e.g. mnist-sr4: 7x7 -> 28x28)")
+    translate.add_argument("files", nargs="+", help="source images, each the model's source size")
+    translate.add_argument("--out", help="one file: its translation; several: sources over translations "
+                                         "(.png, .jpg, .webp, .gif)")
+    translate.add_argument("--scores", action="store_true", help="print the discriminator's score of each pair")
     score = helptext.subcommand(commands, "score", "probability of being real for image files")
     score.add_argument("files", nargs="+", help="image files and folders (their images, recursively)")
     score.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
@@ -276,12 +307,13 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--no-progress", action="store_true")
     models = helptext.subcommand(commands, "models", "models, versions and their state")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each version's metrics")
-    for sub in (sample, score, walk, project):
+    for sub in (sample, score, walk, project, translate):
         sub.add_argument("--model", default="", help="model name (default: the server's default model)")
         sub.add_argument("--version", type=int, default=0, help="version (default: the latest ready one)")
+    for sub in (sample, score, walk, project):
         sub.add_argument("--label", type=int, help="conditional models: the class of every image "
                                                    "(default: drawn from the seed / the most likely class)")
-    for sub in (sample, walk, project):
+    for sub in (sample, walk, project, translate):
         sub.add_argument("--scale", type=_scale, help=f"enlarge pictures N times, nearest neighbour (default: "
                                                    f"{images.GRID_SCALE} for grids, strips and GIFs; 1 for --out-dir)")
     for sub in (sample, sample_job, walk):
@@ -294,7 +326,8 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                             help="keep this share of the best-scored candidates, in (0, 1)")
 
 
-COMMANDS = {"sample": _sample, "score": _score, "project": _project, "models": _models, "walk": _walk,
+COMMANDS = {"sample": _sample, "score": _score, "project": _project, "translate": _translate, "models": _models,
+            "walk": _walk,
             "score-job": _score_job, "sample-job": _sample_job}
 
 

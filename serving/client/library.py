@@ -56,12 +56,14 @@ class ResourceExhaustedError(ClientError): ...
 class UnavailableError(ClientError): ...
 class DeadlineExceededError(ClientError): ...
 class UnauthenticatedError(ClientError): ...
+class FailedPreconditionError(ClientError): ...
 
 
 ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.NOT_FOUND: NotFoundError,
           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
           grpc.StatusCode.UNAVAILABLE: UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-          grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError}
+          grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+          grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError}
 
 
 def _typed(error: grpc.RpcError) -> ClientError:
@@ -128,6 +130,19 @@ class Projection:
     anomaly_percentile: np.ndarray
     provider: str = ""
     labels: np.ndarray | None = None
+
+
+@dataclass
+class Translation:
+    """Translated images (uint8 NCHW for PNG/uint8, else float32), with the discriminator's
+    probability and logit per (source, translation) pair when asked."""
+
+    model: str
+    version: int
+    images: np.ndarray
+    scores: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    provider: str = ""
 
 
 def _with_images(request, images: np.ndarray | Sequence[bytes]):
@@ -289,6 +304,22 @@ class InferenceClient:
                           reconstructions, np.array(response.anomaly, np.float32),
                           np.array(response.anomaly_percentile, np.float32), response.provider,
                           np.array(response.labels, np.int64) if response.labels else None)
+
+    def translate(self, sources: np.ndarray | Sequence[bytes], *, model: str = "", version: int = 0,
+                  encoding: str = "png", scores: bool = False) -> Translation:
+        """Source images (a uint8/float32 array or encoded files, each the model's source size)
+        translated by a translation model; ``scores``: also the discriminator's score of each pair."""
+        request = _with_images(pb.TranslateRequest(model=model, version=version, include_scores=scores,
+                                                   encoding=wire.encoding(encoding)), sources)
+        try:
+            response = self.stub.Translate(request, **self.call_options)
+        except grpc.RpcError as error:
+            raise _typed(error) from None
+        translated = (np.stack([imaging.decode_image(blob) for blob in response.png]) if response.png
+                      else wire.tensor_to_array(response.samples, "samples"))
+        floats = lambda values: np.array(values, np.float32) if len(values) else None  # noqa: E731
+        return Translation(response.model, response.version, translated, floats(response.scores),
+                           floats(response.logits), response.provider)
 
     def models(self) -> pb.ListModelsResponse:
         try:

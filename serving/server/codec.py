@@ -13,7 +13,14 @@ from serving import wire
 from serving.server.errors import InvalidArgument, ServiceError, bounded
 from serving.server.inputs import ScoreSpec
 from serving.server.plans import Endpoint, SampleSpec, WalkSpec
-from serving.server.service import ModelCard, ProjectResult, SampleResult, ScoreResult, probabilities
+from serving.server.service import (
+    ModelCard,
+    ProjectResult,
+    SampleResult,
+    ScoreResult,
+    TranslateResult,
+    probabilities,
+)
 
 log = logging.getLogger(__name__)
 VERSION_STATES = {"READY": pb.VERSION_STATE_READY, "FAILED": pb.VERSION_STATE_FAILED,
@@ -143,6 +150,24 @@ def project_spec(request: pb.ProjectRequest) -> tuple[ScoreSpec, str]:
     return spec, "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
 
 
+def translate_spec(request: pb.TranslateRequest) -> tuple[ScoreSpec, str]:
+    """The source images of a Translate request (as a Score's) and the translations' encoding."""
+    array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
+    spec = ScoreSpec(list(request.images), array, (), request.model, request.version)
+    return spec, "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
+
+
+def translate_response(result: TranslateResult) -> pb.TranslateResponse:
+    """PNG encoding takes milliseconds per image: called off the event loop for PNG."""
+    response = pb.TranslateResponse(model=result.manifest.name, version=result.manifest.version,
+                                    provider=result.provider)
+    encode_samples(response, result.samples, result.encoding)
+    if result.logits is not None:
+        response.scores.extend(result.probabilities.tolist())
+        response.logits.extend(result.logits.tolist())
+    return response
+
+
 def project_response(result: ProjectResult) -> pb.ProjectResponse:
     """PNG encoding takes milliseconds per image: called off the event loop for PNG."""
     response = pb.ProjectResponse(model=result.manifest.name, version=result.manifest.version,
@@ -158,7 +183,7 @@ def model_info(card: ModelCard) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=card.name, kind=card.kind, latent_size=card.latent_size, sample_shape=card.sample_shape,
         latest_version=card.latest_version, num_classes=card.num_classes, class_names=card.class_names,
-        version_policy=card.version_policy,
+        version_policy=card.version_policy, source_shape=card.source_shape,
         versions=[pb.VersionInfo(version=v.version, state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNLOADED),
                                  provider=v.provider,
                                  error=v.error, manifest_json=v.manifest_json) for v in card.versions])

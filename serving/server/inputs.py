@@ -30,17 +30,23 @@ class ScoreSpec:
     anomaly: bool = False  # also the encoder's anomaly score and its percentile (versions with an encoder)
 
 
+def input_shape(manifest: Manifest) -> list[int]:
+    """The shape of one input image: a translation model's source, else a sample."""
+    return list(manifest.generator.input_shape[1:]) if manifest.kind == "translation" else list(manifest.sample_shape)
+
+
 def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int) -> np.ndarray:
-    """The model-range float32 batch of a Score request (decoding takes milliseconds per image)."""
+    """The model-range float32 batch of a Score, Project or Translate request (decoding takes
+    milliseconds per image)."""
     if (spec.array is not None) == bool(spec.images):
         raise InvalidArgument("give either images (encoded) or tensor (raw), exactly one of them")
     if spec.images:
-        if manifest.kind != "dcgan":
+        if manifest.kind == "toy2d":
             raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: send a float32 [N, 2] tensor")
         if len(spec.images) > max_images:
             raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(spec.images)}")
-        return to_model_range(decode_images(spec.images, manifest))
-    if manifest.kind != "dcgan" and spec.array.dtype == np.uint8:
+        return to_model_range(decode_images(spec.images, input_shape(manifest)))
+    if manifest.kind == "toy2d" and spec.array.dtype == np.uint8:
         raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: the tensor must be float32")
     return to_model_range(spec.array)
 
@@ -50,12 +56,12 @@ def to_model_range(array: np.ndarray) -> np.ndarray:
     return images.uint8_to_model(array) if array.dtype == np.uint8 else array.astype(np.float32, copy=False)
 
 
-def decode_images(blobs: list[bytes], manifest: Manifest) -> np.ndarray:
-    """Encoded images -> uint8 NCHW, each checked against the model's size; errors name the index."""
+def decode_images(blobs: list[bytes], shape: list[int]) -> np.ndarray:
+    """Encoded images -> uint8 NCHW, each checked against ``shape`` (C, H, W); errors name the index."""
     decoded = []
     for index, blob in enumerate(blobs):
         try:
-            decoded.append(images.decode_image(blob, manifest.channels, manifest.image_size))
+            decoded.append(images.decode_image(blob, shape[0], shape[-1]))
         except ValueError as exc:
             raise InvalidArgument(f"image {index}: {exc}") from None
     return np.stack(decoded)
@@ -63,7 +69,7 @@ def decode_images(blobs: list[bytes], manifest: Manifest) -> np.ndarray:
 
 def check(manifest: Manifest, inputs: np.ndarray, max_images: int) -> None:
     """The batch's shape, size, finiteness and (images) value range fit the model."""
-    expected = [*manifest.sample_shape]
+    expected = input_shape(manifest)
     if inputs.ndim != len(expected) + 1 or list(inputs.shape[1:]) != expected:
         raise InvalidArgument(f"inputs have shape {list(inputs.shape)}; model {manifest.name!r} "
                               f"expects [N, {', '.join(map(str, expected))}]")
@@ -72,7 +78,7 @@ def check(manifest: Manifest, inputs: np.ndarray, max_images: int) -> None:
     if not np.all(np.isfinite(inputs)):
         bad = int(np.argmax(~np.isfinite(inputs.reshape(len(inputs), -1)).any(1)))
         raise InvalidArgument(f"image {bad} contains NaN or infinite values")
-    if manifest.kind == "dcgan":
+    if manifest.kind != "toy2d":
         low, high = manifest.value_range
         flat = inputs.reshape(len(inputs), -1)
         outside = (flat.min(1) < low - IMAGE_RANGE_SLACK) | (flat.max(1) > high + IMAGE_RANGE_SLACK)

@@ -49,6 +49,9 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU]
 
 
+WARM_UP_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+
+
 def execution_plan(device: str, workers: int = 0, threads: int = 0) -> tuple[int, int]:
     """(batch workers, onnxruntime intra-op threads per session) for one network; 0 = automatic.
 
@@ -81,15 +84,18 @@ class OnnxNetwork:
         log.info("loaded %s on %s", path, self.provider)
 
     def check_signature(self, network: str, spec: NetworkSpec,
-                        outputs: list[tuple[str, list[int | None]]] | None = None) -> None:
+                        outputs: list[tuple[str, list[int | None]]] | None = None,
+                        source_shape: list[int | None] | None = None) -> None:
         """The file must be the network the manifest says (a swapped or foreign file is refused
         here, with both signatures, instead of failing on the first request); ``outputs``: every
-        output by name and shape, for a network of several (else the spec's one)."""
+        output by name and shape, for a network of several (else the spec's one); ``source_shape``:
+        a translation discriminator's source input, shaped as its generator's input."""
         signature = lambda tensors: [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]])  # noqa: E731
                                      for t in tensors]
         actual = signature([*self.session.get_inputs(), *self.session.get_outputs()])
         expected = [(spec.input_name, list(spec.input_shape[1:]))]
         expected += [(spec.label_input, [])] if spec.label_input else []
+        expected += [(spec.source_input, list((source_shape or [None])[1:]))] if spec.source_input else []
         expected += outputs or [(spec.output_name, list(spec.output_shape[1:]))]
         if actual != expected:
             show = lambda sig: ", ".join(f"{n!r} [{', '.join(['N', *map(str, s)])}]" for n, s in sig)  # noqa: E731
@@ -112,8 +118,9 @@ class OnnxNetwork:
             outputs = binding.copy_outputs_to_cpu()
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def warm_up(self, sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
-        """Run once per batch size so the first request does not pay for allocation/tuning."""
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run once per batch size so the first request does not pay for allocation/tuning: zeros
+        of every input's own type and shape (after check_signature: the shapes are the manifest's)."""
         for size in batch_sizes:
-            inputs = np.zeros((size, *sample_shape), np.float32)
-            self.run((inputs, np.zeros(size, np.int64)) if len(self.input_names) > 1 else inputs)
+            feeds = tuple(np.zeros((size, *i.shape[1:]), WARM_UP_DTYPES[i.type]) for i in self.session.get_inputs())
+            self.run(feeds if len(feeds) > 1 else feeds[0])

@@ -94,6 +94,22 @@ class ScoreResult:
 
 
 @dataclass
+class TranslateResult:
+    """Source images translated by a translation model's generator (model range), and the
+    discriminator's logits of the (source, translation) pairs when asked."""
+
+    manifest: Manifest
+    provider: str
+    samples: np.ndarray
+    logits: np.ndarray | None
+    encoding: str
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        return None if self.logits is None else probabilities(self.logits)
+
+
+@dataclass
 class ProjectResult:
     """Images' latents E(x), reconstructions G(E(x)) (model range) and anomaly scores."""
 
@@ -112,6 +128,18 @@ class ProjectResult:
 #: (manifest anomaly.class_accuracy). The discriminator's most likely class is never named: on
 #: mnist-cond/2 it said "1" for 9 of 12 real test digits.
 REPORTED_CLASS_ACCURACY = 0.98
+
+
+def _need_kind(loaded: LoadedVersion, translating: bool) -> None:
+    """Translate is for translation models, everything else for the others: FAILED_PRECONDITION
+    saying which call the model takes."""
+    m = loaded.manifest
+    if translating and m.kind != "translation":
+        raise FailedPrecondition(f"model {m.name!r} is a {m.kind} model, not a translation model: it takes "
+                                 f"Sample, Walk and Score, not Translate")
+    if not translating and m.kind == "translation":
+        raise FailedPrecondition(f"model {m.name!r} translates images (kind translation): send its source "
+                                 f"images to Translate")
 
 
 def _need_encoder(loaded: LoadedVersion, what: str) -> None:
@@ -187,6 +215,7 @@ class ModelCard:
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     version_policy: str = ""
+    source_shape: list[int] = field(default_factory=list)  # translation models: (C, h, w) of a source
 
 
 def model_card(entry: ModelEntry) -> ModelCard:
@@ -197,8 +226,9 @@ def model_card(entry: ModelEntry) -> ModelCard:
     manifests = [s.loaded.manifest for _, s in sorted(entry.versions.items()) if s.loaded]
     if manifests:
         m = manifests[-1]
+        source = list(m.generator.input_shape[1:]) if m.kind == "translation" else []
         return ModelCard(entry.name, versions, ready[-1], m.kind, m.latent_size, list(m.sample_shape),
-                         m.num_classes, list(m.class_names), entry.policy)
+                         m.num_classes, list(m.class_names), entry.policy, source)
     for state in entry.versions.values():  # describe a failed model from its manifest, if readable
         with contextlib.suppress(ValueError, KeyError, TypeError):
             data = json.loads(state.manifest_json)
@@ -209,10 +239,10 @@ def model_card(entry: ModelEntry) -> ModelCard:
 def resolve_encoding(encoding: str, manifest: Manifest) -> str:
     """The encoding a response uses: ``auto`` is uint8 for image models, float32 for 2-D points."""
     if encoding == "auto":
-        return "uint8" if manifest.kind == "dcgan" else "float32"
+        return "float32" if manifest.kind == "toy2d" else "uint8"
     if encoding not in BYTES_PER_VALUE:
         raise InvalidArgument(f"unknown encoding {encoding}")
-    if manifest.kind != "dcgan" and encoding != "float32":
+    if manifest.kind == "toy2d" and encoding != "float32":
         raise InvalidArgument(f"model {manifest.name!r} generates 2-D points: use ENCODING_RAW_FLOAT32")
     return encoding
 
@@ -243,6 +273,7 @@ class InferenceService:
 
     async def walk(self, walk: WalkSpec, call: Call) -> SampleResult:
         with self.admitted(), self.store.use(walk.model, walk.version) as loaded:
+            _need_kind(loaded, translating=False)
             encoding = resolve_encoding(walk.encoding, loaded.manifest)
             heavy = walk.truncation is not None  # truncated ends take redraws: off the event loop
             z, labels = await _off_loop_if(heavy, plans.walk_latents, loaded.manifest, walk, self.limits)
@@ -257,6 +288,7 @@ class InferenceService:
         version's scorer gives the logits and the anomaly scores in one run. Unlabelled images'
         classes are named only where the version's measured class accuracy earns it."""
         with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_kind(loaded, translating=False)
             if spec.anomaly:
                 _need_encoder(loaded, "anomaly score")
             inputs = await self._inputs(loaded, spec)
@@ -272,12 +304,25 @@ class InferenceService:
         """Latents of the images (E(x)), their reconstructions and anomaly scores; a conditional
         model's images are taken as their labels, or as the class that reconstructs them best."""
         with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_kind(loaded, translating=False)
             _need_encoder(loaded, "projection")
             encoding = resolve_encoding(encoding, loaded.manifest)
             inputs = await self._inputs(loaded, spec)
             (latents, reconstructions, scores, _), labels = await self._encode(loaded, inputs, call, spec.labels)
             return ProjectResult(loaded.manifest, loaded.provider, latents, reconstructions, encoding, scores,
                                  _percentiles(loaded.manifest, scores), labels)
+
+    async def translate(self, spec: ScoreSpec, encoding: str, include_scores: bool, call: Call) -> TranslateResult:
+        """The source images translated by the model's generator and, with ``include_scores``, the
+        discriminator's logits of each (source, translation) pair."""
+        with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_kind(loaded, translating=True)
+            encoding = resolve_encoding(encoding, loaded.manifest)
+            sources = await self._inputs(loaded, spec)
+            self._check_size(loaded.manifest, len(sources), encoding, "send fewer images per call")
+            samples = await self._run(loaded.generator, sources, call)
+            logits = await self._run(loaded.discriminator, (samples, sources), call) if include_scores else None
+            return TranslateResult(loaded.manifest, loaded.provider, samples, logits, encoding)
 
     async def _encode(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call,
                       requested_labels: tuple[int, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
@@ -380,6 +425,7 @@ class InferenceService:
         """The samples of ``spec``, whole (``chunk_size`` None) or in chunks; guided sampling
         chooses every sample before the first chunk goes out."""
         with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_kind(loaded, translating=False)
             encoding = resolve_encoding(spec.encoding, loaded.manifest)
             heavy = spec.truncation is not None  # truncated rows take redraws: off the event loop
             plan = await _off_loop_if(heavy, plans.plan, loaded.manifest, spec, self.limits)

@@ -91,6 +91,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             result = await self.service.project(spec, encoding, call_of(context))
             return await asyncio.to_thread(codec.project_response, result)
 
+    async def Translate(self, request: pb.TranslateRequest,
+                        context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
+        async with self._rpc("Translate", request.model, context):
+            spec, encoding = codec.translate_spec(request)
+            result = await self.service.translate(spec, encoding, request.include_scores, call_of(context))
+            return await asyncio.to_thread(codec.translate_response, result)
+
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async with self._rpc("ListModels", "", context):

@@ -114,8 +114,9 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
         if spec is None:  # a version without an encoder
             continue
         network = OnnxNetwork(folder / spec.file, config.device, threads)
-        network.check_signature(net, spec, scorer_outputs(manifest) if net == "encoder" else None)
-        network.warm_up(tuple(spec.input_shape[1:]), (1, config.max_batch_size))
+        network.check_signature(net, spec, scorer_outputs(manifest) if net == "encoder" else None,
+                                manifest.generator.input_shape)
+        network.warm_up((1, config.max_batch_size))
         networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,
                                     config.max_queue, config.batching, name=f"{name}/{version}/{net}",

@@ -1,0 +1,126 @@
+"""Translate on a real server: a tiny mnist-sr4 model exported to ONNX, 7x7 PNG and tensor sources
+to 28x28 translations equal to onnxruntime's, the discriminator's pair scores, precise errors for
+wrong sizes and wrong kinds, and ``dcgan-client translate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from dcgan.v1 import inference_pb2 as pb
+from PIL import Image
+
+from dcgan_core import images
+from dcgan_core.repository import Repository
+from serving.client.cli import main as client_main
+from serving.client.library import FailedPreconditionError, InvalidArgumentError
+from tests.conftest import start_server, tiny_config
+from training import translation
+from training.export import export_run
+
+pytestmark = pytest.mark.slow  # a real server
+
+
+@pytest.fixture(scope="module")
+def translation_repo(tmp_path_factory, mnist_dir, serving_repo) -> Path:
+    """``sr4``: a tiny mnist-sr4 model (3 steps), beside the dcgan model ``tiny``."""
+    run_dir = tmp_path_factory.mktemp("sr4-run")
+    translation.translation_run(tiny_config(run_dir, data={"dataset": "mnist-sr4", "path": str(mnist_dir)},
+                                            model={"ngf": 4, "ndf": 4}, optim={"batch_size": 16},
+                                            run={"max_steps": 3})).train()
+    root = tmp_path_factory.mktemp("translation-repo")
+    export_run(run_dir, Repository(root), "sr4")
+    shutil.copytree(serving_repo / "tiny", root / "tiny")
+    (root / "repository.json").write_text(json.dumps({"default_model": "tiny"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(translation_repo):
+    server = start_server(translation_repo, poll_s=0)
+    yield server
+    server.stop(grace=1)
+
+
+def _sources(count: int = 5) -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (count, 1, 7, 7), dtype=np.uint8)
+
+
+def _onnx(translation_repo: Path, network: str, feeds: dict) -> np.ndarray:
+    path = Repository(translation_repo).version_dir("sr4", 1) / f"{network}.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_png_sources_come_back_translated_as_onnxruntime_translates_them(client, translation_repo):
+    sources = _sources()
+    result = client.translate([images.encode_png(s) for s in sources], model="sr4", scores=True)
+    expected = _onnx(translation_repo, "generator", {"source": images.uint8_to_model(sources)})
+    assert result.images.shape == (5, 1, 28, 28) and result.images.dtype == np.uint8
+    np.testing.assert_array_equal(result.images, images.model_to_uint8(expected))
+    logits = _onnx(translation_repo, "discriminator", {"samples": expected, "source": images.uint8_to_model(sources)})
+    np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.scores, 1 / (1 + np.exp(-logits)), rtol=1e-4)
+    assert result.model == "sr4" and result.version == 1 and result.provider == "CPUExecutionProvider"
+
+
+def test_uint8_and_float32_tensors_translate_alike(client):
+    sources = _sources(3)
+    raw = client.translate(sources, model="sr4", encoding="float32")
+    floats = client.translate(images.uint8_to_model(sources), model="sr4", encoding="float32")
+    assert raw.images.dtype == np.float32 and raw.scores is None
+    np.testing.assert_array_equal(raw.images, floats.images)
+
+
+def test_a_source_of_the_wrong_size_is_invalid_and_named(client):
+    digit = np.zeros((1, 28, 28), np.uint8)
+    with pytest.raises(InvalidArgumentError, match="image 1.*7"):
+        client.translate([images.encode_png(_sources(1)[0]), images.encode_png(digit)], model="sr4")
+    with pytest.raises(InvalidArgumentError, match=r"\[N, 1, 7, 7\]"):
+        client.translate(np.zeros((2, 1, 28, 28), np.uint8), model="sr4")
+
+
+def test_each_kind_of_model_takes_only_its_own_calls(client):
+    with pytest.raises(FailedPreconditionError, match="not a translation model"):
+        client.translate(_sources(1), model="tiny")
+    with pytest.raises(FailedPreconditionError, match="translates images"):
+        client.sample(2, model="sr4")
+    with pytest.raises(FailedPreconditionError, match="translates images"):
+        client.score(np.zeros((1, 1, 28, 28), np.uint8), model="sr4")
+    info = client.get_model("sr4")
+    assert info.kind == "translation" and list(info.source_shape) == [1, 7, 7]
+    assert list(info.sample_shape) == [1, 28, 28] and list(client.get_model("tiny").source_shape) == []
+
+
+def test_translate_calls_are_counted(client, server):
+    client.translate(_sources(1), model="sr4")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'dcgan_requests_total{code="OK",method="Translate",model="sr4"}' in text
+    assert 'dcgan_requests_total{code="FAILED_PRECONDITION",method="Translate",model="tiny"}' in text
+
+
+def test_the_cli_writes_one_translation_enlarged_and_a_grid_for_several(server, tmp_path, capsys):
+    paths = []
+    for i, source in enumerate(_sources(2)):
+        paths.append(tmp_path / f"small{i}.png")
+        paths[-1].write_bytes(images.encode_png(source))
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    assert client_main([*target, "translate", "--model", "sr4", str(paths[0]), "--out", str(tmp_path / "big.png"),
+                        "--scale", "8", "--scores"]) == 0
+    with Image.open(tmp_path / "big.png") as big:
+        assert big.size == (224, 224)
+    assert "p(real)" in capsys.readouterr().out
+    assert client_main([*target, "translate", "--model", "sr4", *map(str, paths), "--out",
+                        str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as grid:  # 2 columns, sources over translations, 28-px cells x 4
+        assert grid.width == grid.height
+    assert client_main([*target, "translate", "--model", "tiny", str(paths[0])]) == 1
+    assert "not a translation model" in capsys.readouterr().err
+
+
+def test_translate_is_in_the_proto_and_the_generated_stub():
+    assert "Translate" in pb.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name
