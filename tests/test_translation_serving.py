@@ -124,3 +124,40 @@ def test_the_cli_writes_one_translation_enlarged_and_a_grid_for_several(server, 
 
 def test_translate_is_in_the_proto_and_the_generated_stub():
     assert "Translate" in pb.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name
+
+
+def test_http_translate_and_oip_give_the_same_pixels_as_dcgan_v1(client, server):
+    import base64
+    import urllib.error
+
+    import grpc
+    from dcgan.oip import grpc_predict_v2_pb2 as oip
+    from dcgan.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    from tests.test_oip import _infer
+
+    source = _sources(1)
+    expected = client.translate(source, model="sr4", scores=True)
+    url = f"http://127.0.0.1:{server.http_port}/v1/models"
+    post = urllib.request.Request(f"{url}/sr4/translate?scores=true&scale=2", data=images.encode_png(source[0]),
+                                  headers={"Content-Type": "image/png"})
+    answer = json.loads(urllib.request.urlopen(post, timeout=30).read())
+    decoded = images.decode_image(base64.b64decode(answer["images"][0]["png"]))
+    np.testing.assert_array_equal(decoded[:, ::2, ::2], expected.images[0])  # enlarged twice, nearest
+    assert answer["version"] == 1 and answer["images"][0]["score"] == pytest.approx(expected.scores[0], rel=1e-5)
+    wrong = urllib.request.Request(f"{url}/tiny/translate", data=images.encode_png(source[0]))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert refused.value.code == 400 and "not a translation model" in json.loads(refused.value.read())["error"]
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        outputs = _infer(stub, "sr4", {"source": source})
+        np.testing.assert_array_equal(outputs["images"], expected.images)
+        scored = _infer(stub, "sr4-discriminator", {"samples": outputs["samples"], "source": source})
+        np.testing.assert_allclose(scored["logits"], expected.logits, rtol=1e-4, atol=1e-5)
+        metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name="sr4"))
+        assert [(t.name, list(t.shape)) for t in metadata.inputs] == [("source", [-1, 1, 7, 7])]
+        with pytest.raises(grpc.RpcError) as failed:
+            _infer(stub, "sr4", {"z": np.zeros((1, 8), np.float32)})
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -35,9 +35,9 @@ def input_shape(manifest: Manifest) -> list[int]:
     return list(manifest.generator.input_shape[1:]) if manifest.kind == "translation" else list(manifest.sample_shape)
 
 
-def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int) -> np.ndarray:
+def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int, shape: list[int] | None = None) -> np.ndarray:
     """The model-range float32 batch of a Score, Project or Translate request (decoding takes
-    milliseconds per image)."""
+    milliseconds per image); ``shape``: one image's (C, H, W), if not the model's input_shape."""
     if (spec.array is not None) == bool(spec.images):
         raise InvalidArgument("give either images (encoded) or tensor (raw), exactly one of them")
     if spec.images:
@@ -45,7 +45,7 @@ def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int) -> np.nda
             raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: send a float32 [N, 2] tensor")
         if len(spec.images) > max_images:
             raise InvalidArgument(f"number of images must be in 1..{max_images}, got {len(spec.images)}")
-        return to_model_range(decode_images(spec.images, input_shape(manifest)))
+        return to_model_range(decode_images(spec.images, shape or input_shape(manifest)))
     if manifest.kind == "toy2d" and spec.array.dtype == np.uint8:
         raise InvalidArgument(f"model {manifest.name!r} scores 2-D points: the tensor must be float32")
     return to_model_range(spec.array)
@@ -67,9 +67,10 @@ def decode_images(blobs: list[bytes], shape: list[int]) -> np.ndarray:
     return np.stack(decoded)
 
 
-def check(manifest: Manifest, inputs: np.ndarray, max_images: int) -> None:
-    """The batch's shape, size, finiteness and (images) value range fit the model."""
-    expected = input_shape(manifest)
+def check(manifest: Manifest, inputs: np.ndarray, max_images: int, shape: list[int] | None = None) -> None:
+    """The batch's shape, size, finiteness and (images) value range fit the model (``shape``: one
+    image's, if not the model's input_shape)."""
+    expected = shape or input_shape(manifest)
     if inputs.ndim != len(expected) + 1 or list(inputs.shape[1:]) != expected:
         raise InvalidArgument(f"inputs have shape {list(inputs.shape)}; model {manifest.name!r} "
                               f"expects [N, {', '.join(map(str, expected))}]")

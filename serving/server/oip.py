@@ -12,10 +12,15 @@ Each repository model appears as up to three OIP models (OIP versions are reposi
   outputs ``logits`` and ``probabilities`` FP32 [-1].
 - ``<name>-encoder`` (versions with an encoder): inputs as the discriminator's; outputs ``z``,
   ``reconstruction``, ``anomaly`` and ``anomaly_percentile``.
+
+Translation models: ``<name>`` takes ``source`` (FP32 in [-1, 1], or UINT8 pixels) [-1, C, h, w]
+and answers ``samples`` and ``images``; ``<name>-discriminator`` takes ``samples`` and ``source``
+(pairs) and answers ``logits`` and ``probabilities``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -101,6 +106,11 @@ def tensors(target: Target) -> tuple[list[TensorMeta], list[TensorMeta]]:
     card = target.card
     sample = [-1, *card.sample_shape]
     labels = [("labels", "INT64", [-1])] if card.num_classes else []
+    if card.kind == "translation":
+        source = ("source", "FP32", [-1, *card.source_shape])
+        if target.role == "generator":
+            return [source], [("samples", "FP32", sample), ("images", "UINT8", sample)]
+        return [("samples", "FP32", sample), source], [("logits", "FP32", [-1]), ("probabilities", "FP32", [-1])]
     if target.role == "generator":
         outputs = [("samples", "FP32", sample)] + ([("images", "UINT8", sample)] if card.kind == "dcgan" else [])
         return [("z", "FP32", [-1, card.latent_size]), *labels], outputs
@@ -287,6 +297,11 @@ async def infer(service: InferenceService, name: str, version_text: str, arrays:
 
 async def _generate(service: InferenceService, model: str, version: int, arrays: dict[str, np.ndarray],
                     parameters: dict[str, object], call: Call):
+    if "source" in arrays:  # a translation model's generator
+        _expect(arrays, {"source"})
+        result = await service.translate(_images(arrays, "source", model, version), "float32", False, call)
+        return ({"samples": result.samples, "images": images.model_to_uint8(result.samples)},
+                result.manifest.version, {})
     _expect(arrays, {"z", "labels"})
     z = arrays.get("z")
     if z is not None and z.dtype != np.float32:
@@ -304,7 +319,12 @@ async def _generate(service: InferenceService, model: str, version: int, arrays:
 
 async def _discriminate(service: InferenceService, model: str, version: int, arrays: dict[str, np.ndarray],
                         parameters: dict[str, object], call: Call):
-    result = await service.score(_score_spec(model, version, arrays), call)
+    if "source" in arrays:  # a translation model's discriminator: (samples, source) pairs
+        _expect(arrays, {"samples", "source"})
+        pairs = _images(arrays, "samples", model, version), _images(arrays, "source", model, version)
+        result = await service.score_pairs(*pairs, call)
+    else:
+        result = await service.score(_score_spec(model, version, arrays), call)
     return {"logits": result.logits, "probabilities": result.probabilities}, result.manifest.version, {}
 
 
@@ -317,12 +337,16 @@ async def _encode(service: InferenceService, model: str, version: int, arrays: d
 
 def _score_spec(model: str, version: int, arrays: dict[str, np.ndarray]) -> ScoreSpec:
     _expect(arrays, {"samples", "labels"})
-    if "samples" not in arrays:
-        raise InvalidArgument("input 'samples' is required")
-    samples = arrays["samples"]
-    if samples.dtype not in (np.float32, np.uint8):
-        raise InvalidArgument("input 'samples' must be FP32 (model range) or UINT8 (pixels)")
-    return ScoreSpec(array=samples, labels=_labels(arrays), model=model, version=version)
+    return dataclasses.replace(_images(arrays, "samples", model, version), labels=_labels(arrays))
+
+
+def _images(arrays: dict[str, np.ndarray], name: str, model: str, version: int) -> ScoreSpec:
+    """The image input ``name`` (FP32 model range, or UINT8 pixels) as the service's image batch."""
+    if name not in arrays:
+        raise InvalidArgument(f"input {quoted(name)} is required")
+    if arrays[name].dtype not in (np.float32, np.uint8):
+        raise InvalidArgument(f"input {quoted(name)} must be FP32 (model range) or UINT8 (pixels)")
+    return ScoreSpec(array=arrays[name], model=model, version=version)
 
 
 def response(request: oip.ModelInferRequest, result: InferResult) -> oip.ModelInferResponse:

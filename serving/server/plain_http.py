@@ -53,8 +53,8 @@ def call_of(request: web.Request) -> Call:
     return call.within(int(text) / 1000)
 
 
-def _scale(request: web.Request) -> int:
-    scale = query(request, "scale", int, images.GRID_SCALE)
+def _scale(request: web.Request, default: int = images.GRID_SCALE) -> int:
+    scale = query(request, "scale", int, default)
     if not 1 <= scale <= MAX_SCALE:
         raise InvalidArgument(f"scale = {scale} must be between 1 and {MAX_SCALE}")
     return scale
@@ -100,7 +100,8 @@ class PlainRoutes:
                 web.get(f"{model}/sample.png", self._sample), web.get(f"{model}/samples", self._samples),
                 web.get(f"{model}/walk.gif", self._walk), web.get(f"{model}/walk", self._walk_json),
                 web.post(f"{model}/walk", self._walk_from_image), web.post(f"{model}/score", self._score),
-                web.post(f"{model}/project", self._project), web.get("/openapi.json", self._openapi)]
+                web.post(f"{model}/project", self._project), web.post(f"{model}/translate", self._translate),
+                web.get("/openapi.json", self._openapi)]
 
     async def _models(self, request: web.Request) -> web.Response:
         async def work() -> web.Response:
@@ -238,6 +239,23 @@ class PlainRoutes:
             return web.json_response({"model": model, "version": found.manifest.version, "images": answer})
         return await self.counted("ProjectImages", model, work)
 
+    async def _translate(self, request: web.Request) -> web.Response:
+        """Uploaded source images translated by a translation model, as base64 PNGs (enlarged
+        ``scale`` times, default 1), with the discriminator's score of each pair when ``scores``."""
+        model = request.match_info["model"]
+
+        async def work() -> web.Response:
+            version, scores = query(request, "version", int, 0), query(request, "scores", bool, False)
+            scale = _scale(request, default=1)
+            spec = ScoreSpec(await _uploaded(request), None, (), model, version)
+            result = await self.service.translate(spec, "float32", scores, call_of(request))
+            pngs = await asyncio.to_thread(pngs_base64, result.samples, scale)
+            answer = [{"png": png, **({} if result.logits is None else {"score": float(result.probabilities[i]),
+                                                                          "logit": float(result.logits[i])})}
+                      for i, png in enumerate(pngs)]
+            return web.json_response({"model": model, "version": result.manifest.version, "images": answer})
+        return await self.counted("TranslateImages", model, work)
+
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
 
@@ -333,6 +351,12 @@ OPENAPI = {
             "parameters": [_MODEL, _TIMEOUT, *_parameters("label", "scale", "version")],
             "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
             "responses": {"200": {"description": "JSON: images (reconstruction, anomaly, anomaly_percentile[, label])"},
+                          "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
+        "/v1/models/{model}/translate": {"post": {
+            "summary": "uploaded source images translated by a translation model, as base64 PNGs",
+            "parameters": [_MODEL, _TIMEOUT, *_parameters("scores", "scale", "version")],
+            "requestBody": {"content": {"image/png": {}, "multipart/form-data": {}}},
+            "responses": {"200": {"description": "JSON: images (png[, score, logit])"},
                           "400": _ERROR, "404": _ERROR, "504": _ERROR}}},
         "/v2/models/{model}/infer": {"post": {
             "summary": "Open Inference Protocol inference (KServe V2 REST; Triton's binary extension)",

@@ -138,8 +138,8 @@ def _need_kind(loaded: LoadedVersion, translating: bool) -> None:
         raise FailedPrecondition(f"model {m.name!r} is a {m.kind} model, not a translation model: it takes "
                                  f"Sample, Walk and Score, not Translate")
     if not translating and m.kind == "translation":
-        raise FailedPrecondition(f"model {m.name!r} translates images (kind translation): send its source "
-                                 f"images to Translate")
+        raise FailedPrecondition(f"model {m.name!r} translates images (kind translation): send it source images "
+                                 f"(dcgan.v1 Translate, OIP input 'source', POST /v1/models/{m.name}/translate)")
 
 
 def _need_encoder(loaded: LoadedVersion, what: str) -> None:
@@ -324,6 +324,18 @@ class InferenceService:
             logits = await self._run(loaded.discriminator, (samples, sources), call) if include_scores else None
             return TranslateResult(loaded.manifest, loaded.provider, samples, logits, encoding)
 
+    async def score_pairs(self, spec: ScoreSpec, sources: ScoreSpec, call: Call) -> ScoreResult:
+        """A translation model's discriminator on (source, image) pairs: how real it finds each
+        image as a translation of its source."""
+        with self.admitted(), self.store.use(spec.model, spec.version) as loaded:
+            _need_kind(loaded, translating=True)
+            samples = await self._inputs(loaded, spec, list(loaded.manifest.sample_shape))
+            paired = await self._inputs(loaded, sources)
+            if len(paired) != len(samples):
+                raise InvalidArgument(f"{len(samples)} images but {len(paired)} sources: one source per image")
+            logits = await self._run(loaded.discriminator, (samples, paired), call)
+            return ScoreResult(loaded.manifest, loaded.provider, logits)
+
     async def _encode(self, loaded: LoadedVersion, inputs: np.ndarray, call: Call,
                       requested_labels: tuple[int, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
         """The scorer's outputs (latents, reconstructions, anomaly scores, logits) and the labels
@@ -340,12 +352,13 @@ class InferenceService:
         rows = labels * count + np.arange(count)
         return tuple(output[rows] for output in outputs), labels
 
-    async def _inputs(self, loaded: LoadedVersion, spec: ScoreSpec) -> np.ndarray:
-        """A Score or Project request's images as the model's float32 batch (PNG/JPEG decoding
-        takes milliseconds per image: off the event loop)."""
+    async def _inputs(self, loaded: LoadedVersion, spec: ScoreSpec, shape: list[int] | None = None) -> np.ndarray:
+        """A Score, Project or Translate request's images as the model's float32 batch (PNG/JPEG
+        decoding takes milliseconds per image: off the event loop); ``shape``: one image's, if not
+        the model's input shape."""
         limit = self.config.max_score_images
-        inputs = await _off_loop_if(bool(spec.images), score_inputs.model_inputs, spec, loaded.manifest, limit)
-        score_inputs.check(loaded.manifest, inputs, limit)
+        inputs = await _off_loop_if(bool(spec.images), score_inputs.model_inputs, spec, loaded.manifest, limit, shape)
+        score_inputs.check(loaded.manifest, inputs, limit, shape)
         return inputs.astype(np.float32, copy=False)
 
     def models(self) -> tuple[list[ModelCard], str]:
