@@ -161,3 +161,26 @@ def test_http_translate_and_oip_give_the_same_pixels_as_dcgan_v1(client, server)
         with pytest.raises(grpc.RpcError) as failed:
             _infer(stub, "sr4", {"z": np.zeros((1, 8), np.float32)})
         assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_translate_job_writes_a_png_per_input_skips_done_ones_and_lists_refused_files(server, tmp_path, capsys):
+    inputs = tmp_path / "small"
+    (inputs / "sub").mkdir(parents=True)
+    for i, source in enumerate(_sources(3)):
+        (inputs / ("sub" if i == 2 else "") / f"d{i}.png").write_bytes(images.encode_png(source))
+    (inputs / "big.png").write_bytes(images.encode_png(np.zeros((1, 28, 28), np.uint8)))  # not a 7x7 source
+    out = tmp_path / "big"
+    command = ["--target", f"127.0.0.1:{server.port}", "translate-job", "--model", "sr4", "--input", str(inputs),
+               "--out-dir", str(out), "--batch", "2", "--no-progress"]
+    assert client_main(command) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == ["d0.png", "d1.png", "sub/d2.png"]
+    with Image.open(out / "sub" / "d2.png") as picture:
+        assert picture.size == (28, 28)
+    refused = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in refused] == ["big.png"] and "7" in refused[0]["error"]
+    assert "(1 errors)" in capsys.readouterr().out
+    (out / "d1.png").unlink()
+    assert client_main(command) == 0  # a rerun translates only what is missing (and the refused file again)
+    assert "4 inputs: 2 already done, 2 processed now (1 errors)" in capsys.readouterr().out
+    assert (out / "d1.png").exists() and len((out / "errors.jsonl").read_text().splitlines()) == 1

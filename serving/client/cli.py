@@ -13,6 +13,7 @@
     dcgan-client project a.png --out recon.png            (versions with an encoder: latents, anomaly)
     dcgan-client walk --from-image a.png --to-seed 3 --out walk.gif
     dcgan-client translate --model mnist-sr4 small.png --out big.png --scale 8   (translation models)
+    dcgan-client translate-job --model mnist-sr4 --input small/ --out-dir big/
     dcgan-client --local exported/mnist-dcgan/3 sample --count 16 --out grid.png   (no server needed)
 
 The server is --target, else $DCGAN_TARGET, else localhost:50051.
@@ -231,6 +232,13 @@ def _score_job(client: InferenceClient, args: argparse.Namespace) -> None:
     print(f"score-job: {summary}; results in {args.output}")
 
 
+def _translate_job(client: InferenceClient, args: argparse.Namespace) -> None:
+    summary = jobs.translate_job(client, jobs.list_inputs(args.input), Path(args.out_dir), args.model, args.batch,
+                                 args.concurrency, args.wait_s, not args.no_progress)
+    failures = f", failures in {Path(args.out_dir) / jobs.TRANSLATE_ERRORS}" if summary.errors else ""
+    print(f"translate-job: {summary}; PNGs in {args.out_dir}{failures}")
+
+
 def _sample_job(client: InferenceClient, args: argparse.Namespace) -> None:
     summary = jobs.sample_job(client, args.count, Path(args.out_dir), args.seed, args.chunk, args.model,
                               args.concurrency, args.wait_s, not args.no_progress, label=args.label,
@@ -293,13 +301,19 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     score_job.add_argument("--input", required=True, help="a folder, a glob pattern, or a file listing paths")
     score_job.add_argument("--output", required=True, help="results .csv or .jsonl (appended; rerun to resume)")
     score_job.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
+    translate_job = helptext.subcommand(commands, "translate-job", "translate many image files into PNGs, "
+                                                                   "resumably (translation models)")
+    translate_job.add_argument("--input", required=True, help="a folder, a glob pattern, or a file listing paths")
+    translate_job.add_argument("--out-dir", required=True, help="one PNG per input, at its path below the inputs' "
+                                                                "common folder")
+    translate_job.add_argument("--batch", type=int, default=64, help="images per request (default: %(default)s)")
     sample_job = helptext.subcommand(commands, "sample-job", "generate many PNGs, resumably")
     sample_job.add_argument("--count", type=int, required=True)
     sample_job.add_argument("--out-dir", required=True)
     sample_job.add_argument("--seed", type=int, default=0, help="chunk k uses seed + k")
     sample_job.add_argument("--chunk", type=int, default=256, help="images per request (default: %(default)s)")
     sample_job.add_argument("--label", type=int, help="conditional models: the class of every sample")
-    for sub in (score_job, sample_job):
+    for sub in (score_job, sample_job, translate_job):
         sub.add_argument("--model", default="")
         sub.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
         sub.add_argument("--wait-s", type=float, default=jobs.DEFAULT_PATIENCE_S,
@@ -327,7 +341,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = {"sample": _sample, "score": _score, "project": _project, "translate": _translate, "models": _models,
-            "walk": _walk,
+            "walk": _walk, "translate-job": _translate_job,
             "score-job": _score_job, "sample-job": _sample_job}
 
 
@@ -353,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        patient = args.command in ("score-job", "sample-job")  # jobs wait for the server to come (back)
+        patient = args.command.endswith("-job")  # jobs wait for the server to come (back)
         with _target(args) as target, InferenceClient(target, timeout=args.timeout, tls_ca=args.tls_ca,
                                                       token=token, wait_for_ready=patient) as client:
             if patient:

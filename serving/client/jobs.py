@@ -1,9 +1,11 @@
-"""Client-side batch jobs: score many image files, or generate many samples, resumably.
+"""Client-side batch jobs: score many image files, generate many samples, or translate many
+images, resumably.
 
-Both survive any interruption, kill -9 included. ``score_job`` appends whole lines to its output
+All survive any interruption, kill -9 included. ``score_job`` appends whole lines to its output
 and, on restart, drops a torn last line and skips inputs already present, so the output ends with
-every input exactly once. ``sample_job`` names files after the seed that made them and writes
-each atomically, so a restart regenerates only the chunks that are incomplete.
+every input exactly once. ``sample_job`` names files after the seed that made them and
+``translate_job`` after the input they translate, each written atomically, so a restart redoes
+only what is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from dcgan_core import locking
 from dcgan_core.atomic import atomic_write_bytes, atomic_write_text
-from dcgan_core.images import IMAGE_SUFFIXES
+from dcgan_core.images import IMAGE_SUFFIXES, encode_png
 from dcgan_core.records import cut_torn_tail
 from serving.client.library import (
     Controls,
@@ -297,3 +299,60 @@ def _sample_all(client: InferenceClient, count: int, out_dir: Path, seed: int, c
     bar.close()
     done = sum(n for _, n in todo)
     return JobSummary(count, count - done, done, 0, time.monotonic() - start)
+
+
+TRANSLATE_ERRORS = "errors.jsonl"  # translate_job: the inputs that could not be translated, and why
+
+
+def translate_job(client: InferenceClient, inputs: list[str], out_dir: Path, model: str = "", batch: int = 64,
+                  concurrency: int = 4, patience_s: float = DEFAULT_PATIENCE_S, progress: bool = True) -> JobSummary:
+    """Each input image translated into ``out_dir`` as a PNG at the same path relative to the
+    inputs' common folder. Like sample_job the folder belongs to one job and one model version
+    (job.json); inputs whose PNG exists are skipped, and those the server refuses (INVALID_ARGUMENT)
+    or that cannot be read are listed with the reason in errors.jsonl (rewritten by each run)."""
+    if not inputs:
+        raise JobError("no input images")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _owning(out_dir / LOCK_FILE, f"output folder {out_dir}"):
+        version = _job_version(client, out_dir, {"job": "translate", "model": model}, patience_s)
+        base = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in inputs]))
+        target = {p: out_dir / Path(p).resolve().relative_to(base).with_suffix(".png") for p in dict.fromkeys(inputs)}
+        todo = [p for p, out in target.items() if not out.exists()]
+        start = time.monotonic()
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="translating")
+
+        def run(paths: list[str]) -> list[dict]:
+            failed = _translate_batch(client, paths, target, model, version, patience_s)
+            bar.update(len(paths))
+            return failed
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            failed = [r for f in [pool.submit(run, c) for c in _chunks(todo, batch)] for r in f.result()]
+        bar.close()
+        errors = out_dir / TRANSLATE_ERRORS  # this run's refusals (a rerun tries them again)
+        if failed:
+            atomic_write_text(errors, "".join(json.dumps(r) + "\n" for r in failed))
+        else:
+            errors.unlink(missing_ok=True)
+        return JobSummary(len(target), len(target) - len(todo), len(todo), len(failed), time.monotonic() - start)
+
+
+def _translate_batch(client: InferenceClient, paths: list[str], target: dict[str, Path], model: str, version: int,
+                     patience_s: float) -> list[dict]:
+    """Translate files together and write each result; returns the files that failed, with why
+    (a batch the server refuses is retried file by file, so one bad image fails alone)."""
+    try:
+        blobs = [Path(p).read_bytes() for p in paths]
+        result = with_retries(lambda: client.translate(blobs, model=model, version=version), patience_s)
+    except OSError as exc:
+        if len(paths) == 1:
+            return [{"path": paths[0], "error": f"cannot read: {exc.strerror}"}]
+        return [r for p in paths for r in _translate_batch(client, [p], target, model, version, patience_s)]
+    except InvalidArgumentError as exc:
+        if len(paths) == 1:
+            return [{"path": paths[0], "error": exc.details}]
+        return [r for p in paths for r in _translate_batch(client, [p], target, model, version, patience_s)]
+    for path, image in zip(paths, result.images):
+        target[path].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target[path], encode_png(image))
+    return []
