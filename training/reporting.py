@@ -64,7 +64,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 #: What the curves show, top panel then bottom, of whichever a step logs (a GAN, an encoder).
-LOSS_KEYS, OUTPUT_KEYS = ("loss_d", "loss_g", "loss_e", "pixel"), ("d_real", "d_fake", "d_acc")
+LOSS_KEYS, OUTPUT_KEYS = ("loss_d", "loss_g", "loss_e", "pixel"), ("d_real", "d_fake", "d_acc", "l1")
 
 
 def save_curves(records: list[dict[str, Any]], path: Path) -> None:
@@ -81,7 +81,7 @@ def save_curves(records: list[dict[str, Any]], path: Path) -> None:
         axis.plot(steps[len(steps) - len(values):], values, label=key, linewidth=1)
     bottom.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     top.set_ylabel("loss")
-    bottom.set_ylabel("D output / accuracy")
+    bottom.set_ylabel("D output / accuracy / L1")
     bottom.set_xlabel("discriminator step")
     for axis in (top, bottom):
         if axis.get_legend_handles_labels()[0]:
