@@ -104,6 +104,27 @@ def encoder_repo(tmp_path_factory, tiny_run):
     return repository
 
 
+@pytest.fixture(scope="session")
+def translation_repo(tmp_path_factory, mnist_dir, serving_repo) -> Path:
+    """``sr4``: a tiny mnist-sr4 translation model (3 steps), beside the dcgan model ``tiny``."""
+    import json
+    import shutil
+
+    from dcgan_core.repository import Repository
+    from training import translation
+    from training.export import export_run
+
+    run_dir = tmp_path_factory.mktemp("sr4-run")
+    translation.translation_run(tiny_config(run_dir, data={"dataset": "mnist-sr4", "path": str(mnist_dir)},
+                                            model={"ngf": 4, "ndf": 4}, optim={"batch_size": 16},
+                                            run={"max_steps": 3})).train()
+    root = tmp_path_factory.mktemp("translation-repo")
+    export_run(run_dir, Repository(root), "sr4")
+    shutil.copytree(serving_repo / "tiny", root / "tiny")
+    (root / "repository.json").write_text(json.dumps({"default_model": "tiny"}))
+    return root
+
+
 @pytest.fixture()
 def client(server):
     """A client of the module's ``server`` fixture (each serving test module starts its own)."""

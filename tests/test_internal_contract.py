@@ -154,6 +154,10 @@ VALID = {
     "Project": [pb.ProjectRequest(model="enc", images=[png(28, "L")]),
                 pb.ProjectRequest(model="enc", tensor=_tensor(GRAY), encoding=pb.ENCODING_RAW_FLOAT32),
                 pb.ProjectRequest(model="tiny", tensor=_tensor(GRAY))],
+    "Translate": [pb.TranslateRequest(model="sr4", images=[png(7, "L")], include_scores=True),
+                  pb.TranslateRequest(model="sr4", tensor=_tensor(GRAY[:, :, :7, :7].copy()),
+                                      encoding=pb.ENCODING_RAW_FLOAT32),
+                  pb.TranslateRequest(model="tiny", tensor=_tensor(GRAY))],
     "GetModel": [pb.GetModelRequest(model="tiny")],
     "ListModels": [pb.ListModelsRequest()],
     "ReloadModels": [pb.ReloadModelsRequest()],
@@ -196,8 +200,9 @@ def mutated(draw, method: str) -> object:
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory, serving_repo, conditional_repo, encoder_repo):
+def stub(tmp_path_factory, serving_repo, conditional_repo, encoder_repo, translation_repo):
     root = tmp_path_factory.mktemp("contract-repo")
+    shutil.copytree(translation_repo / "sr4", root / "sr4")
     for source in (serving_repo / "tiny", serving_repo / "toy", conditional_repo.root / "cond"):
         shutil.copytree(source, root / source.name)
     shutil.copytree(encoder_repo.root / "enc", root / "enc")

@@ -130,8 +130,8 @@ def test_training_evaluates_each_epoch_and_keeps_the_best(tmp_path, mnist_dir, q
 def test_in_training_evaluation_needs_mnist_shaped_images():
     from training.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"run.eval_every = 1 is invalid: expected 0 unless the data is a toy "
-                                          r"or the images are 1x28x28"):
+    with pytest.raises(ConfigError, match=r"run.eval_every = 1 is invalid: expected 0 unless the data is a toy, "
+                                          r"pairs to translate, or 1x28x28 images"):
         load_config("folder", overrides=[{"data": {"path": "photos"}, "run": {"eval_every": 1}}])
 
 

@@ -5,7 +5,6 @@ wrong sizes and wrong kinds, and ``dcgan-client translate``."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -19,25 +18,9 @@ from dcgan_core import images
 from dcgan_core.repository import Repository
 from serving.client.cli import main as client_main
 from serving.client.library import FailedPreconditionError, InvalidArgumentError
-from tests.conftest import start_server, tiny_config
-from training import translation
-from training.export import export_run
+from tests.conftest import start_server
 
 pytestmark = pytest.mark.slow  # a real server
-
-
-@pytest.fixture(scope="module")
-def translation_repo(tmp_path_factory, mnist_dir, serving_repo) -> Path:
-    """``sr4``: a tiny mnist-sr4 model (3 steps), beside the dcgan model ``tiny``."""
-    run_dir = tmp_path_factory.mktemp("sr4-run")
-    translation.translation_run(tiny_config(run_dir, data={"dataset": "mnist-sr4", "path": str(mnist_dir)},
-                                            model={"ngf": 4, "ndf": 4}, optim={"batch_size": 16},
-                                            run={"max_steps": 3})).train()
-    root = tmp_path_factory.mktemp("translation-repo")
-    export_run(run_dir, Repository(root), "sr4")
-    shutil.copytree(serving_repo / "tiny", root / "tiny")
-    (root / "repository.json").write_text(json.dumps({"default_model": "tiny"}))
-    return root
 
 
 @pytest.fixture(scope="module")
