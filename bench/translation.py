@@ -67,21 +67,25 @@ def figures(outputs: np.ndarray, targets: np.ndarray, labels: np.ndarray, refere
             "fd": float(metrics.evaluate_images(outputs, reference, ["fd"])["fd"])}
 
 
-def run_task(task: str, methods: dict[str, Translate], reference: metrics.ImageReference, data: Path) -> dict:
+def run_task(task: str, methods: dict[str, Translate], reference: metrics.ImageReference, data: Path,
+             unpictured: set[str]) -> dict:
     config = load_config(task, overrides=[{"data": {"path": str(data)}}])
     sources, targets, labels = translation.held_out_pairs(config, COUNT)
     results, shown = {}, [images.model_to_uint8(translation.resize_to(torch.from_numpy(sources[:SHOWN]), 28).numpy())]
     for name, method in methods.items():
         outputs = np.concatenate([method(sources[i:i + 500]) for i in range(0, len(sources), 500)])
         results[name] = figures(outputs, targets, labels, reference)
-        shown.append(images.model_to_uint8(outputs[:SHOWN]))
+        if name not in unpictured:
+            shown.append(images.model_to_uint8(outputs[:SHOWN]))
         print(f"{task:<12} {name:<22} class kept {results[name]['class_kept']:6.1%}  "
               f"PSNR {results[name]['psnr_db']:5.2f} dB  FD {results[name]['fd']:6.2f}", flush=True)
     shown.append(images.model_to_uint8(targets[:SHOWN]))
     grid = images.make_grid(np.concatenate(shown), SHOWN)
     images.save_picture(grid, RESULTS / f"translation_{task.removeprefix('mnist-')}.png", images.GRID_SCALE)
-    results["originals (targets)"] = figures(targets, targets, labels, reference)
-    return {"rows": ["source (resized, nearest)", *methods, "target"], "results": results}
+    floor = figures(targets, targets, labels, reference)
+    results["originals (targets)"] = {key: value for key, value in floor.items() if key != "psnr_db"}
+    pictured = [name for name in methods if name not in unpictured]
+    return {"picture_rows": ["source (resized, nearest)", *pictured, "target"], "results": results}
 
 
 def main() -> None:
@@ -90,6 +94,8 @@ def main() -> None:
     for task in ("sr4", "edges"):
         parser.add_argument(f"--{task}-gan", type=Path, required=True, help="generator.onnx or run directory")
         parser.add_argument(f"--{task}-l1", type=Path, required=True, help="the L1-only run (or its ONNX)")
+    parser.add_argument("--also", action="append", default=[], metavar="TASK:NAME=PATH",
+                        help="another model beside them, e.g. sr4:lambda 10=runs/mnist-sr4-lambda10 (repeatable)")
     args = parser.parse_args()
     reference = metrics.ImageReference.load(args.data, progress=False)
     floor = float(metrics.real_floor(reference, ["fd"])["fd"])
@@ -99,11 +105,18 @@ def main() -> None:
         "mnist-edges": {"the edge map as it is": lambda sources: sources, "U-Net, L1 only": translator(args.edges_l1),
                         "pix2pix (GAN + L1)": translator(args.edges_gan)},
     }
-    report = {task: run_task(task, methods, reference, args.data) for task, methods in tasks.items()}
+    extras = set()
+    for extra in args.also:
+        task, _, named = extra.partition(":")
+        name, _, path = named.partition("=")
+        tasks[f"mnist-{task}"][name] = translator(Path(path))
+        extras.add(name)
+    report = {task: run_task(task, methods, reference, args.data, extras) for task, methods in tasks.items()}
     print(f"FD real-vs-real floor (10,000 training digits vs the test set): {floor:.2f}")
     save("translation", {"cpu": cpu_model(), "digits": f"MNIST test {FIRST}..{FIRST + COUNT - 1}",
                          "judge": "training/classifier.py evaluation classifier", "fd_floor": floor,
                          "models": {k: str(v) for k, v in vars(args).items() if k != "data"}, "tasks": report})
+
 
 
 if __name__ == "__main__":
