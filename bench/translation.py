@@ -105,7 +105,7 @@ def main() -> None:
         "mnist-edges": {"the edge map as it is": lambda sources: sources, "U-Net, L1 only": translator(args.edges_l1),
                         "pix2pix (GAN + L1)": translator(args.edges_gan)},
     }
-    extras = set()
+    extras = {"the edge map as it is"}  # the same picture as the source row
     for extra in args.also:
         task, _, named = extra.partition(":")
         name, _, path = named.partition("=")
