@@ -14,6 +14,7 @@ U-Net on L1 alone: the baseline that shows what the discriminator adds.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from training.data import DataError, ImageBatches, image_paths, load_mnist
 from training.losses import LOSSES
 from training.run_loop import RunContext, RunLoop
 
+log = logging.getLogger(__name__)
 SR_FACTOR = 4  # mnist-sr4: a 28x28 digit from its 7x7 block means
-EVAL_OFFSET = 5000  # held-out MNIST test digits 5000.. (0..4999 calibrate exports, as for encoders)
+EVAL_OFFSET = 5000  # MNIST test digits 5000..: evaluations, exports' figures and bench/translation.py
 GRID_COLUMNS = 16
 
 
@@ -73,14 +75,17 @@ def mnist_pairs(config: TrainConfig, split: str = "train") -> tuple[np.ndarray, 
 
 
 def held_out_pairs(config: TrainConfig, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sources, targets, digit labels) of MNIST test digits 5000.. (never trained on, and apart
-    from the 0..4999 an export calibrates on); a paired folder's val (else test) split."""
+    """(sources, targets, digit labels) of MNIST test digits 5000.. (never trained on); a paired
+    folder's val (else test) split, or its train split with a warning when it has neither."""
     if config.data.dataset in SOURCES:
         pixels, labels = load_mnist(Path(config.data.path), "test")
         targets = images.uint8_to_model(pixels[EVAL_OFFSET:EVAL_OFFSET + count])
         return SOURCES[config.data.dataset](targets), targets, labels[EVAL_OFFSET:EVAL_OFFSET + count]
     for split in ("val", "test", "train"):
         if (Path(config.data.path) / split).is_dir():
+            if split == "train":
+                log.warning("%s has no val/ or test/ folder: evaluating on train/, which is not held out",
+                            config.data.path)
             sources, targets = paired_folder(config, split)
             return sources[:count], targets[:count], np.zeros(min(count, len(targets)), np.int64)
     raise DataError(f"{config.data.path} has no val, test or train folder")
