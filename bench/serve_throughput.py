@@ -37,6 +37,7 @@ from dcgan.v1 import inference_pb2 as pb  # noqa: E402
 from dcgan.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 from bench.common import median, process_cpu_s, save  # noqa: E402
+from bench.oip_load import OWN_CONNECTION  # noqa: E402
 from dcgan_core import DEVICES  # noqa: E402
 from dcgan_core.repository import Repository  # noqa: E402
 from serving import processes  # noqa: E402
@@ -64,10 +65,10 @@ def timed_loop(call: Callable[[], int], seconds: float) -> Measurement:
 
 
 def concurrent_clients(target: str, clients: int, seconds: float, request: pb.SampleRequest) -> Measurement:
-    """``clients`` concurrent callers (asyncio, one channel each) looping for ``seconds``."""
+    """``clients`` concurrent callers (asyncio, a channel and a connection each) looping for ``seconds``."""
     async def run() -> Measurement:
         latencies: list[float] = []
-        channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+        channels = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(clients)]
         stop_at = time.perf_counter() + seconds
 
         async def client(channel: grpc.aio.Channel) -> None:
