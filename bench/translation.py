@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, cpu_model, save  # noqa: E402
 from dcgan_core import images  # noqa: E402
-from training import classifier, metrics, translation  # noqa: E402
+from training import metrics, translation  # noqa: E402
 from training.checkpoint import BEST_NAME  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.export import load_run  # noqa: E402
+from training.translation import Translate  # noqa: E402
 
-Translate = Callable[[np.ndarray], np.ndarray]  # model-range sources -> model-range 28x28 outputs
 FIRST, COUNT, SHOWN = 5000, 5000, 12
 
 
@@ -45,11 +44,7 @@ def translator(path: Path) -> Translate:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda sources: session.run(None, {"source": sources})[0]
     run = load_run(path, checkpoint_name=BEST_NAME if (path / BEST_NAME).exists() else "checkpoint.pt")
-
-    def translate(sources: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return run.generator(torch.from_numpy(sources)).numpy()
-    return translate
+    return translation.torch_translator(run.generator)
 
 
 def resized(method: Image.Resampling) -> Translate:
@@ -62,9 +57,8 @@ def resized(method: Image.Resampling) -> Translate:
 
 
 def figures(outputs: np.ndarray, targets: np.ndarray, labels: np.ndarray, reference: metrics.ImageReference) -> dict:
-    kept = classifier.predict(reference.classifier, outputs).argmax(1) == labels
-    return {"class_kept": float(kept.mean()), "psnr_db": translation.psnr(outputs, targets),
-            "fd": float(metrics.evaluate_images(outputs, reference, ["fd"])["fd"])}
+    scores = translation.measure(outputs, targets, labels, reference)
+    return {"class_kept": scores["class_kept"], "psnr_db": scores["psnr"], "fd": scores["fd"]}
 
 
 def run_task(task: str, methods: dict[str, Translate], reference: metrics.ImageReference, data: Path,
@@ -73,7 +67,7 @@ def run_task(task: str, methods: dict[str, Translate], reference: metrics.ImageR
     sources, targets, labels = translation.held_out_pairs(config, COUNT)
     results, shown = {}, [images.model_to_uint8(translation.resize_to(torch.from_numpy(sources[:SHOWN]), 28).numpy())]
     for name, method in methods.items():
-        outputs = np.concatenate([method(sources[i:i + 500]) for i in range(0, len(sources), 500)])
+        outputs = translation.translate_all(method, sources)
         results[name] = figures(outputs, targets, labels, reference)
         if name not in unpictured:
             shown.append(images.model_to_uint8(outputs[:SHOWN]))

@@ -96,6 +96,11 @@ class Manifest:
         return self.sample_shape[0] if self.kind != "toy2d" else 0
 
     @property
+    def source_shape(self) -> list[int]:
+        """A translation model's source image (C, h, w): its generator's input; [] for other kinds."""
+        return list(self.generator.input_shape[1:]) if self.kind == "translation" else []
+
+    @property
     def image_size(self) -> int:
         return self.sample_shape[-1] if self.kind != "toy2d" else 0
 

@@ -213,8 +213,8 @@ def derive_seed(*numbers: int) -> int:
 class ImageBatches:
     """Shuffled batches of an in-memory dataset; each epoch's order depends on (seed, epoch) only.
 
-    With ``labels`` (class-conditional training) ``labels(epoch, index)`` gives the classes of the
-    same rows as ``batch(epoch, index)``.
+    With ``labels`` ``labels(epoch, index)`` gives the condition of the same rows as ``batch(epoch,
+    index)``: their classes (class-conditional training), or their source images (translation).
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None,
@@ -238,6 +238,11 @@ class ImageBatches:
     def labels(self, epoch: int, index: int) -> torch.Tensor:
         return self.class_labels[self._rows(epoch, index)]
 
+    @property
+    def conditioned(self) -> bool:
+        """Whether each row carries a condition: its class, or (translation) its source image."""
+        return self.class_labels is not None
+
     def class_frequencies(self) -> torch.Tensor:
         """Share of each class in the data: fake labels are drawn with these weights."""
         counts = torch.bincount(self.class_labels, minlength=len(self.class_names)).double()
@@ -250,6 +255,7 @@ class ToyBatches:
     def __init__(self, mixture: ToyMixture, batch_size: int, epoch_samples: int, seed: int):
         self.mixture, self.batch_size, self.seed = mixture, batch_size, seed
         self.steps_per_epoch = max(1, epoch_samples // batch_size)
+        self.conditioned = False
 
     def batch(self, epoch: int, index: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))

@@ -140,19 +140,16 @@ def _parity_inputs(config: TrainConfig) -> tuple[list[tuple[np.ndarray, ...]], l
     """(latents[, labels]) for G and (model-range inputs[, labels]) for D, per parity batch size;
     for a translation model (sources) for G and (images, sources) for D."""
     rng = np.random.default_rng(0)
+    pictures = lambda side: [images.uint8_to_model(rng.integers(  # noqa: E731
+        0, 256, (n, config.data.channels, side, side), dtype=np.uint8)) for n in PARITY_BATCHES]
     if config.kind == "translation":
-        d, side = config.data, translation.source_size(config)
-        sources = [images.uint8_to_model(rng.integers(0, 256, (n, d.channels, side, side), dtype=np.uint8))
-                   for n in PARITY_BATCHES]
-        x = [images.uint8_to_model(rng.integers(0, 256, (n, d.channels, d.image_size, d.image_size), dtype=np.uint8))
-             for n in PARITY_BATCHES]
-        return [(s,) for s in sources], list(zip(x, sources))
+        sources = pictures(translation.source_size(config))
+        return [(s,) for s in sources], list(zip(pictures(config.data.image_size), sources))
     z = [latents(1000 + n, n, config.model.latent_size) for n in PARITY_BATCHES]
     if config.kind == "toy2d":
         x = [rng.normal(0, 2, (n, 2)).astype(np.float32) for n in PARITY_BATCHES]
     else:
-        shape = (config.data.channels, config.data.image_size, config.data.image_size)
-        x = [images.uint8_to_model(rng.integers(0, 256, (n, *shape), dtype=np.uint8)) for n in PARITY_BATCHES]
+        x = pictures(config.data.image_size)
     if not config.model.num_classes:
         return [(a,) for a in z], [(a,) for a in x]
     labels = [rng.integers(0, config.model.num_classes, n, dtype=np.int64) for n in PARITY_BATCHES]
@@ -206,12 +203,7 @@ def _protocol(config: TrainConfig, latest: Manifest | None) -> dict[str, int]:
 def _figures(run: LoadedRun, protocol: dict[str, int], data_dir: Path) -> dict[str, Any]:
     if run.config.kind != "translation":
         return quality.evaluate_generator(run.generator, run.config, protocol, data_dir)
-
-    def translate(sources: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return run.generator(torch.from_numpy(sources)).numpy()
-
-    return translation.figures(translate, run.config, data_dir, protocol)
+    return translation.figures(translation.torch_translator(run.generator), run.config, data_dir, protocol)
 
 
 def _incumbent_figures(repository: Repository, latest: Manifest, config: TrainConfig, protocol: dict[str, int],

@@ -24,7 +24,7 @@ from training.config import TrainConfig
 from training.data import ImageBatches, ToyBatches, derive_seed, toy_mixture
 from training.losses import LOSSES, gradient_penalty, interpolation_shape
 from training.models import build_models, recalibrate_batchnorm
-from training.run_loop import RunContext, RunLoop
+from training.run_loop import RunContext, RunLoop, set_learning_rate
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -152,7 +152,7 @@ class GANStep:
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         distributed.average_gradients(self.D, self.world)
-        self._set_lr(self.opt_d, self.config.optim.lr_d, progress)
+        set_learning_rate(self.opt_d, self.config.optim.lr_d, progress, self.config.optim.lr_decay)
         self.opt_d.step()
         if update_g:
             self._generator_step(fake, fake_labels, progress)
@@ -171,7 +171,7 @@ class GANStep:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         distributed.average_gradients(self.G, self.world)
-        self._set_lr(self.opt_g, self.config.optim.lr_g, progress)
+        set_learning_rate(self.opt_g, self.config.optim.lr_g, progress, self.config.optim.lr_decay)
         self.opt_g.step()
         self.D.requires_grad_(True)
         self.g_steps += 1
@@ -187,11 +187,6 @@ class GANStep:
             return fake_logits
         k = max(1, math.ceil(len(fake_logits) * (1.0 - progress * (1.0 - target))))
         return fake_logits.topk(k).values
-
-    def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
-        scale = 1.0 - progress if self.config.optim.lr_decay == "linear" else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * scale
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -57,6 +57,14 @@ class Step(Protocol):
     def save_samples(self, path: Path, step: int) -> None: ...
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, progress: float, decay: str) -> None:
+    """``base_lr`` scheduled by the run's ``progress`` (0..1): constant, or ``linear`` down to 0 at
+    the last step. A function of progress alone, so a resumed run follows it exactly."""
+    scale = 1.0 - progress if decay == "linear" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * scale
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Temporary files of atomic writes (``.NAME.*.tmp``) that a kill -9 left behind. Only called
     while holding the run's lock, so no live writer owns them."""
@@ -205,8 +213,7 @@ class RunLoop:
         epoch, index = divmod(step, self.steps_per_epoch)
         rows = lambda batch: batch[self.world.rows(len(batch))]  # noqa: E731
         real = rows(self.batches.batch(epoch, index)).to(self.device, memory_format=self.model.memory_format)
-        conditioned = self.config.model.num_classes or self.config.kind == "translation"
-        labels = rows(self.batches.labels(epoch, index)).to(self.device) if conditioned else None
+        labels = rows(self.batches.labels(epoch, index)).to(self.device) if self.batches.conditioned else None
         return real, labels
 
     def train_step(self) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from training import reporting
 from training.config import ConfigError, TrainConfig
 from training.data import DataError, ImageBatches, image_paths, load_mnist
 from training.losses import LOSSES
-from training.run_loop import RunContext, RunLoop
+from training.run_loop import RunContext, RunLoop, set_learning_rate
 
 log = logging.getLogger(__name__)
 SR_FACTOR = 4  # mnist-sr4: a 28x28 digit from its 7x7 block means
@@ -231,7 +232,7 @@ class TranslationStep:
             loss_d = self.loss.d_loss(real_logits, fake_logits, 1.0 - self.config.loss.label_smoothing)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
-            self._set_lr(self.opt_d, self.config.optim.lr_d, progress)
+            set_learning_rate(self.opt_d, self.config.optim.lr_d, progress, self.config.optim.lr_decay)
             self.opt_d.step()
         l1 = (fake - target).abs().mean()
         loss_g = self.config.loss.l1_weight * l1
@@ -241,14 +242,9 @@ class TranslationStep:
             self.D.requires_grad_(True)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        self._set_lr(self.opt_g, self.config.optim.lr_g, progress)
+        set_learning_rate(self.opt_g, self.config.optim.lr_g, progress, self.config.optim.lr_decay)
         self.opt_g.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "l1": l1.item()}
-
-    def _set_lr(self, optimizer: torch.optim.Optimizer, base_lr: float, progress: float) -> None:
-        scale = 1.0 - progress if self.config.optim.lr_decay == "linear" else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * scale
 
     def diverged(self, stats: dict[str, float]) -> str | None:
         return next((k for k in ("loss_d", "loss_g") if not math.isfinite(stats[k])), None)
@@ -266,8 +262,7 @@ class TranslationStep:
     @torch.no_grad()
     def translate(self, sources: np.ndarray) -> np.ndarray:
         self.G.eval()
-        out = np.concatenate([self.G(torch.from_numpy(sources[i:i + 500]).to(self.device)).cpu().numpy()
-                              for i in range(0, len(sources), 500)])
+        out = translate_all(torch_translator(self.G, self.device), sources)
         self.G.train()
         return out
 
@@ -280,18 +275,13 @@ class TranslationStep:
         """On held-out pairs: L1 and PSNR against the targets, the share whose digit the MNIST
         classifier still reads as the target's, and FD of the outputs against the test digits
         (the objective: a blurry average keeps the class and a good PSNR but not the FD)."""
-        from training import classifier, metrics
+        from training import metrics
 
         sources, targets, labels = self.held_out()
-        outputs = self.translate(sources)
-        scores = {"l1": float(np.abs(outputs - targets).mean()), "psnr": psnr(outputs, targets)}
-        if self.config.data.dataset in SOURCES:
-            if self._reference is None:
-                self._reference = metrics.ImageReference.load(Path(self.config.data.path),
-                                                              progress=self.config.run.progress)
-            kept = classifier.predict(self._reference.classifier, outputs).argmax(1) == labels
-            fd = metrics.evaluate_images(outputs, self._reference, ["fd"])["fd"]
-            scores.update(class_kept=float(kept.mean()), fd=float(fd))
+        if self._reference is None and self.config.data.dataset in SOURCES:
+            self._reference = metrics.ImageReference.load(Path(self.config.data.path),
+                                                          progress=self.config.run.progress)
+        scores = measure(self.translate(sources), targets, labels, self._reference)
         return {**scores, "objective": scores.get("fd", scores["l1"])}
 
     def save_samples(self, path: Path, step: int) -> None:
@@ -316,20 +306,47 @@ def figures(translate, config: TrainConfig, data_dir: Path, protocol: dict[str, 
     pairs' own targets against them (digits 5000..9999 are the harder half of MNIST's test set:
     7.97, where 5,000 training digits give 3.09; a perfect translator scores the floor), class
     kept, PSNR, L1. Paired folders have no classifier to read them: {}."""
-    from training import classifier, metrics
+    from training import metrics
 
     if config.data.dataset not in SOURCES:
         return {}
     config = copy.deepcopy(config)
     config.data.path = str(data_dir)
     sources, targets, labels = held_out_pairs(config, protocol["samples"])
-    outputs = np.concatenate([translate(sources[i:i + 500]) for i in range(0, len(sources), 500)])
     reference = metrics.ImageReference.load(data_dir, progress=False)
-    kept = classifier.predict(reference.classifier, outputs).argmax(1) == labels
-    fd = lambda x: float(metrics.evaluate_images(x, reference, ["fd"])["fd"])  # noqa: E731
-    return {"fd": fd(outputs), "fd_floor": fd(targets), "class_kept": float(kept.mean()),
-            "psnr": psnr(outputs, targets), "l1": float(np.abs(outputs - targets).mean()),
-            "samples": len(outputs), publishing.PROTOCOL: dict(protocol)}
+    scores = measure(translate_all(translate, sources), targets, labels, reference)
+    fd_floor = float(metrics.evaluate_images(targets, reference, ["fd"])["fd"])
+    return {**scores, "fd_floor": fd_floor, "samples": len(targets), publishing.PROTOCOL: dict(protocol)}
+
+
+def measure(outputs: np.ndarray, targets: np.ndarray, labels: np.ndarray, reference=None) -> dict[str, float]:
+    """L1 and PSNR of translations against their targets; with a ``reference`` (MNIST's
+    metrics.ImageReference) also the share the classifier reads as the target's digit and the FD
+    of the outputs against the test set."""
+    from training import classifier, metrics
+
+    scores = {"l1": float(np.abs(outputs - targets).mean()), "psnr": psnr(outputs, targets)}
+    if reference is not None:
+        kept = classifier.predict(reference.classifier, outputs).argmax(1) == labels
+        fd = metrics.evaluate_images(outputs, reference, ["fd"])["fd"]
+        scores.update(class_kept=float(kept.mean()), fd=float(fd))
+    return scores
+
+
+Translate = Callable[[np.ndarray], np.ndarray]  # model-range sources -> model-range translations
+
+
+def torch_translator(generator: nn.Module, device: torch.device | str = "cpu") -> Translate:
+    """A torch generator as a numpy function, without gradients."""
+    def translate(sources: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return generator(torch.from_numpy(sources).to(device)).cpu().numpy()
+    return translate
+
+
+def translate_all(translate: Translate, sources: np.ndarray, chunk: int = 500) -> np.ndarray:
+    """``translate`` over ``sources`` a chunk at a time (bounded memory for thousands of images)."""
+    return np.concatenate([translate(sources[i:i + chunk]) for i in range(0, len(sources), chunk)])
 
 
 def psnr(outputs: np.ndarray, targets: np.ndarray) -> float:

@@ -344,13 +344,10 @@ def _translate_batch(client: InferenceClient, paths: list[str], target: dict[str
     try:
         blobs = [Path(p).read_bytes() for p in paths]
         result = with_retries(lambda: client.translate(blobs, model=model, version=version), patience_s)
-    except OSError as exc:
+    except (OSError, InvalidArgumentError) as exc:
         if len(paths) == 1:
-            return [{"path": paths[0], "error": f"cannot read: {exc.strerror}"}]
-        return [r for p in paths for r in _translate_batch(client, [p], target, model, version, patience_s)]
-    except InvalidArgumentError as exc:
-        if len(paths) == 1:
-            return [{"path": paths[0], "error": exc.details}]
+            why = exc.details if isinstance(exc, InvalidArgumentError) else f"cannot read: {exc.strerror}"
+            return [{"path": paths[0], "error": why}]
         return [r for p in paths for r in _translate_batch(client, [p], target, model, version, patience_s)]
     for path, image in zip(paths, result.images):
         target[path].parent.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ class InferenceServer:
         if self.watcher:
             self.watcher.start()
         if self.config.metrics_port >= 0:
-            host = self.config.metrics_host or self.config.host.strip("[]")
+            host = self.config.metrics_bind_host
             try:
                 self.metrics_port = self.metrics.serve(self.config.metrics_port, host)
             except OSError:

@@ -98,10 +98,20 @@ def walk_spec(request: pb.WalkRequest) -> WalkSpec:
                     request.model, request.version, encoding(request.encoding))
 
 
-def score_spec(request: pb.ScoreRequest) -> ScoreSpec:
+def _images_spec(request: pb.ScoreRequest | pb.ProjectRequest | pb.TranslateRequest,
+                 labels: tuple[int, ...] = (), anomaly: bool = False) -> ScoreSpec:
+    """The images of a Score, Project or Translate request: encoded files or one tensor."""
     array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
-    return ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version,
-                     request.include_anomaly)
+    return ScoreSpec(list(request.images), array, labels, request.model, request.version, anomaly)
+
+
+def _reply_encoding(request: pb.ProjectRequest | pb.TranslateRequest) -> str:
+    """The images' encoding in a Project or Translate response (UNSPECIFIED: PNG)."""
+    return "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
+
+
+def score_spec(request: pb.ScoreRequest) -> ScoreSpec:
+    return _images_spec(request, tuple(request.labels), request.include_anomaly)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -145,16 +155,12 @@ def score_response(result: ScoreResult) -> pb.ScoreResponse:
 
 def project_spec(request: pb.ProjectRequest) -> tuple[ScoreSpec, str]:
     """The images of a Project request (as a Score's) and the reconstructions' encoding."""
-    array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
-    spec = ScoreSpec(list(request.images), array, tuple(request.labels), request.model, request.version)
-    return spec, "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
+    return _images_spec(request, tuple(request.labels)), _reply_encoding(request)
 
 
 def translate_spec(request: pb.TranslateRequest) -> tuple[ScoreSpec, str]:
     """The source images of a Translate request (as a Score's) and the translations' encoding."""
-    array = tensor_to_array(request.tensor, "tensor") if request.HasField("tensor") else None
-    spec = ScoreSpec(list(request.images), array, (), request.model, request.version)
-    return spec, "png" if request.encoding == pb.ENCODING_UNSPECIFIED else encoding(request.encoding)
+    return _images_spec(request), _reply_encoding(request)
 
 
 def translate_response(result: TranslateResult) -> pb.TranslateResponse:

@@ -94,6 +94,11 @@ class ServeConfig:
     auth_token_file: str = setting("", "require 'authorization: Bearer <token>' (token in this file; needs TLS)")
 
     @property
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: --metrics-host, else the --host address (without brackets)."""
+        return self.metrics_host or self.host.strip("[]")
+
+    @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 

@@ -32,7 +32,7 @@ class ScoreSpec:
 
 def input_shape(manifest: Manifest) -> list[int]:
     """The shape of one input image: a translation model's source, else a sample."""
-    return list(manifest.generator.input_shape[1:]) if manifest.kind == "translation" else list(manifest.sample_shape)
+    return manifest.source_shape or list(manifest.sample_shape)
 
 
 def model_inputs(spec: ScoreSpec, manifest: Manifest, max_images: int, shape: list[int] | None = None) -> np.ndarray:

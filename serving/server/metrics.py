@@ -55,8 +55,13 @@ class ServingMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
-        try:
-            server, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:  # its message names no address: say which one
-            raise OSError(exc.errno, f"cannot serve metrics on {host or '*'} port {port}: {exc.strerror}") from None
-        return server.server_port
+        return serve_registry(self.registry, port, host)
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str) -> int:
+    """Serve ``registry`` at /metrics on ``host``:``port``; returns the bound port (0: a free one)."""
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # its message names no address: say which one
+        raise OSError(exc.errno, f"cannot serve metrics on {host or '*'} port {port}: {exc.strerror}") from None
+    return server.server_port

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,17 +86,17 @@ class OnnxNetwork:
 
     def check_signature(self, network: str, spec: NetworkSpec,
                         outputs: list[tuple[str, list[int | None]]] | None = None,
-                        source_shape: list[int | None] | None = None) -> None:
+                        source_shape: Sequence[int] = ()) -> None:
         """The file must be the network the manifest says (a swapped or foreign file is refused
         here, with both signatures, instead of failing on the first request); ``outputs``: every
         output by name and shape, for a network of several (else the spec's one); ``source_shape``:
-        a translation discriminator's source input, shaped as its generator's input."""
+        a translation discriminator's source input (C, h, w)."""
         signature = lambda tensors: [(t.name, [d if isinstance(d, int) else None for d in t.shape[1:]])  # noqa: E731
                                      for t in tensors]
         actual = signature([*self.session.get_inputs(), *self.session.get_outputs()])
         expected = [(spec.input_name, list(spec.input_shape[1:]))]
         expected += [(spec.label_input, [])] if spec.label_input else []
-        expected += [(spec.source_input, list((source_shape or [None])[1:]))] if spec.source_input else []
+        expected += [(spec.source_input, list(source_shape))] if spec.source_input else []
         expected += outputs or [(spec.output_name, list(spec.output_shape[1:]))]
         if actual != expected:
             show = lambda sig: ", ".join(f"{n!r} [{', '.join(['N', *map(str, s)])}]" for n, s in sig)  # noqa: E731

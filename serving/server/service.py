@@ -226,9 +226,8 @@ def model_card(entry: ModelEntry) -> ModelCard:
     manifests = [s.loaded.manifest for _, s in sorted(entry.versions.items()) if s.loaded]
     if manifests:
         m = manifests[-1]
-        source = list(m.generator.input_shape[1:]) if m.kind == "translation" else []
         return ModelCard(entry.name, versions, ready[-1], m.kind, m.latent_size, list(m.sample_shape),
-                         m.num_classes, list(m.class_names), entry.policy, source)
+                         m.num_classes, list(m.class_names), entry.policy, m.source_shape)
     for state in entry.versions.values():  # describe a failed model from its manifest, if readable
         with contextlib.suppress(ValueError, KeyError, TypeError):
             data = json.loads(state.manifest_json)

@@ -115,7 +115,7 @@ def load_version(repository: Repository, name: str, version: int, config: ServeC
             continue
         network = OnnxNetwork(folder / spec.file, config.device, threads)
         network.check_signature(net, spec, scorer_outputs(manifest) if net == "encoder" else None,
-                                manifest.generator.input_shape)
+                                manifest.source_shape)
         network.warm_up((1, config.max_batch_size))
         networks[net] = network
     batchers = {net: DynamicBatcher(network.run, config.max_batch_size, config.max_queue_delay_ms / 1000,

@@ -20,12 +20,13 @@ import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.processes import Ports, ServerDidNotStart, ports_of, spawn_server
 from serving.server.config import ServeConfig
+from serving.server.metrics import serve_registry
 
 log = logging.getLogger("dcgan-serve")
 SUPERVISOR_PID = "DCGAN_SERVE_SUPERVISOR"  # set in each worker's environment: whom to tell about a reload
@@ -85,9 +86,7 @@ class Supervisor:
         if self.config.metrics_port >= 0:
             registry = CollectorRegistry()
             registry.register(self.metrics)
-            host = self.config.metrics_host or self.config.host.strip("[]")
-            server, _ = start_http_server(self.config.metrics_port, addr=host, registry=registry)
-            metrics = server.server_port
+            metrics = serve_registry(registry, self.config.metrics_port, self.config.metrics_bind_host)
         self.ports = Ports(first.grpc, first.http, metrics)
         return self.ports
 
